@@ -1,0 +1,41 @@
+# The README's two commands: `make run` and `make test`. Both create (or reuse)
+# .venv, install what is missing, and need nothing but Python 3.11 beforehand.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install run test test-fast data repro push pull clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	@touch $(STAMP)
+
+data/raw/digits.csv: | $(STAMP)
+	$(PY) -m distilflow demo-data --out $@
+	dvc add -q $@
+
+data: data/raw/digits.csv
+
+run: install data
+	$(PY) -m distilflow run $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+repro: install data
+	dvc repro
+
+# DISTILFLOW_DVC_REMOTE=<url> points push/pull at another remote (saved in .dvc/config.local)
+push pull: install data
+	@if [ -n "$$DISTILFLOW_DVC_REMOTE" ]; then dvc remote add --local --force --default env "$$DISTILFLOW_DVC_REMOTE"; fi
+	dvc $@

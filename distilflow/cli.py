@@ -1,0 +1,125 @@
+"""Command line: the edge where params, environment and exit codes meet.
+
+    python -m distilflow run   [--params params.yaml] [--set key=value ...]
+    python -m distilflow stage NAME [--params ...] [--set ...]   # one DVC stage
+    python -m distilflow demo-data [--out data/raw/digits.csv]
+
+A `DistilflowError` (bad params, bad data) prints one line and exits 1, with
+no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from distilflow.errors import DistilflowError
+
+STAGES = ("ingest", "clean", "split", "normalize")
+
+
+def _quiet_environment() -> None:
+    """Offline-safe defaults, set before Prefect or MLflow are imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the first start of the ephemeral API migrates its database: more than the 30 s default on 2 cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+class _NoUserTracebacks(logging.Filter):
+    """Prefect logs task failures with their traceback; a user error needs only its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DistilflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _install_log_filter() -> None:
+    flt = _NoUserTracebacks()
+    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        logger.addFilter(flt)
+        for handler in logger.handlers:
+            handler.addFilter(flt)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distilflow", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one param for this run, e.g. --set split.test=0.2 (repeatable)")
+        return p
+
+    with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow, tracked in MLflow"))
+    stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
+    stage.add_argument("name", choices=STAGES)
+    demo = sub.add_parser("demo-data", help="write scikit-learn's digits as the demo raw CSV")
+    demo.add_argument("--out", default="data/raw/digits.csv")
+    return parser
+
+
+def _run(args) -> int:
+    from distilflow.params import load_params
+
+    params = load_params(args.params, args.overrides)
+    root = Path(args.params).resolve().parent
+    if args.command == "stage":
+        return _stage(args.name, params, root)
+
+    from distilflow.tracking import default_tracking_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    from flows.pipeline import pipeline
+
+    _install_log_filter()
+    summary = pipeline(params=params, root=str(root), tracking_uri=uri)
+    print(f"done: MLflow run {summary['run_id']} in {uri}")
+    print("stages: " + ", ".join(f"{k}={v}" for k, v in summary["stages"].items()))
+    return 0
+
+
+def _stage(name: str, params, root: Path) -> int:
+    from distilflow.layout import Layout
+    from tasks import data
+
+    layout = Layout(root)
+    if name == "ingest":
+        info = data.ingest_stage(layout.resolve(params.data.source), layout.ingested, params.data)
+    elif name == "clean":
+        info = data.clean_stage(layout.ingested, layout.cleaned, layout.cleaning_report, params.clean, params.data,
+                                params.split.n_parts)
+        info = {k: info[k] for k in ("rows_in", "rows_out")}
+    elif name == "split":
+        info = data.split_stage(layout.cleaned, layout.split_dir, layout.split_report, params.split, params.seed)["sizes"]
+    else:
+        info = data.normalize_stage(layout.split("train"), layout.preprocessor, params.normalize.method,
+                                    params.data.image_shape)
+    print(f"{name}: {info}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_environment()
+    try:
+        if args.command == "demo-data":
+            from tasks.data import export_digits
+
+            print(f"wrote {export_digits(args.out)}")
+            return 0
+        return _run(args)
+    except DistilflowError as exc:
+        print(f"distilflow: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("distilflow: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,54 @@
+"""The one hashing helper: content hashes of files, folders, tables and params."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+_CHUNK = 1 << 20
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 of a file's bytes: the same digest DVC records for a file."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def path_hash(path: str | Path) -> str:
+    """Content hash of a file, or of every file below a folder (names included)."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    h = hashlib.md5()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(file_md5(p).encode())
+    return h.hexdigest()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def params_hash(obj: Any) -> str:
+    """Hash of a JSON-able object (a params section), independent of key order."""
+    return text_hash(json.dumps(obj, sort_keys=True, default=str))[:16]
+
+
+def frame_hash(df: pd.DataFrame) -> str:
+    """Hash of a table's values and column names, independent of file format.
+
+    Uses pandas' row hashes (little-endian uint64 everywhere), so the same rows
+    give the same hash on every machine, whatever the parquet writer version.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([str(c) for c in df.columns]).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]

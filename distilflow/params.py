@@ -1,0 +1,197 @@
+"""The one typed params object, loaded from `params.yaml` at the edge.
+
+Unknown keys, wrong types and impossible values are rejected here, with the
+key named, so no stage has to re-check its own config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distilflow.errors import DistilflowError
+from distilflow.hashing import params_hash
+
+Label = int | str
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    """Where the raw data is and how to read it."""
+
+    source: str = "data/raw/digits.csv"
+    label_column: str = "label"
+    path_column: str = "path"
+    image_shape: tuple[int, int, int] | None = (8, 8, 1)
+    value_range: tuple[float, float] | None = (0.0, 16.0)
+    classes: list[Label] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataParams":
+        if self.image_shape is not None and min(self.image_shape) < 1:
+            raise ValueError(f"data.image_shape must be 3 positive ints (H, W, C), got {list(self.image_shape)}")
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"data.value_range must be [low, high] with low < high, got {list(self.value_range)}")
+        return self
+
+    @property
+    def dataset_name(self) -> str:
+        return self.name or Path(self.source).stem
+
+
+class CleanParams(Section):
+    """One switch per cleaning rule (see tasks/data.py:clean)."""
+
+    nonfinite: Literal["drop", "impute"] = "drop"
+    out_of_range: Literal["clip", "drop"] = "clip"
+    drop_duplicates: bool = True
+    conflicting_labels: Literal["majority", "drop"] = "majority"
+    rare_classes: Literal["drop", "fail"] = "drop"
+    min_samples_per_class: int = Field(default=0, ge=0)
+
+
+class SplitParams(Section):
+    """Fractions of each class that go to train/val/test.
+
+    `test_seed` salts the frozen test split; `seed` (top level) salts the
+    train/val partition, so changing the training seed never moves test rows.
+    """
+
+    train: float = Field(default=0.7, gt=0, lt=1)
+    val: float = Field(default=0.15, ge=0, lt=1)
+    test: float = Field(default=0.15, ge=0, lt=1)
+    test_seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must sum to 1, got {total:g}")
+        return self
+
+    @property
+    def n_parts(self) -> int:
+        return sum(f > 0 for f in (self.train, self.val, self.test))
+
+
+class NormalizeParams(Section):
+    method: Literal["standard", "minmax", "per_channel", "none"] = "standard"
+
+
+class TrackingParams(Section):
+    experiment: str | None = None
+
+
+class Params(Section):
+    seed: int = Field(default=42, ge=0)
+    data: DataParams = DataParams()
+    clean: CleanParams = CleanParams()
+    split: SplitParams = SplitParams()
+    normalize: NormalizeParams = NormalizeParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        if self.normalize.method == "per_channel" and self.data.image_shape is None:
+            raise ValueError("normalize.method=per_channel needs data.image_shape")
+        return self
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"distilflow-{self.data.dataset_name}"
+
+    def hash(self) -> str:
+        return params_hash(self.model_dump(mode="json"))
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Params, loc)
+        return f"{source}: unknown key '{key}' (allowed here: {', '.join(allowed)})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":
+        return f"{source}: {key}: got {err['input']!r}; {msg}"
+    if err["type"].startswith("value_error") or err["type"] == "assertion_error":
+        return f"{source}: {msg}"
+    return f"{source}: {key}: {msg} (got {err['input']!r})"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise DistilflowError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ['train.epochs=2', ...] into a nested dict; values parse as YAML."""
+    tree: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise DistilflowError(f"--set expects KEY=VALUE (e.g. split.test=0.2), got {pair!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise DistilflowError("\n".join(dict.fromkeys(lines))) from None
+
+
+def read_params_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DistilflowError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DistilflowError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DistilflowError(f"{path} must be a mapping of sections (data:, clean:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override (`--set a.b=v`) and validate the params: the one way in."""
+    raw = _merge(read_params_file(path), parse_overrides(overrides or []))
+    return params_from_dict(raw, source=str(path))

@@ -1,0 +1,521 @@
+"""Data stages: ingest → clean → stratified split → normalize.
+
+The functions at the top are pure (tables and params in, tables and records
+out) and know nothing of Prefect; the `*_stage` functions below them are the
+edges that read and write paths, called alike by the Prefect tasks
+(tasks/prefect_tasks.py) and by DVC (`python -m distilflow stage NAME`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from distilflow.errors import DistilflowError
+from distilflow.hashing import file_md5, frame_hash
+from distilflow.io import atomic_path, read_table, write_json, write_table
+from distilflow.params import CleanParams, DataParams, SplitParams
+
+LABEL = "label"
+SPLITS = ("train", "val", "test")
+DROP_RULES = (
+    "missing_label",
+    "invalid_label",
+    "nonfinite",
+    "out_of_range",
+    "conflicting_labels",
+    "duplicates",
+    "rare_classes",
+)
+
+# ----------------------------------------------------------------------------
+# ingest
+
+
+def export_digits(path: str | Path) -> Path:
+    """Write scikit-learn's bundled digits as a raw CSV (64 pixel columns + label).
+
+    The output is byte-for-byte deterministic, so the md5 committed in
+    data/raw/digits.csv.dvc matches on every machine.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    df = pd.DataFrame(digits.data.astype(np.int64), columns=[f"px{i}" for i in range(64)])
+    df[LABEL] = digits.target
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def _read_any(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DistilflowError(f"data.source {path} is empty: no header and no rows") from None
+    except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistilflowError(f"data.source {path} could not be read as {suffix[1:]}: {reason}") from None
+    raise DistilflowError(f"data.source {path}: unsupported file type '{suffix}' (use .csv, .parquet, or a CSV manifest)")
+
+
+def _load_images(manifest: pd.DataFrame, base: Path, data: DataParams) -> pd.DataFrame:
+    """Read the image files a manifest names into pixel columns (H, W, C order)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data.image_shape is None:
+        raise DistilflowError(f"data.source is an image manifest ('{data.path_column}' column): set data.image_shape")
+    h, w, c = data.image_shape
+    mode = {1: "L", 3: "RGB"}.get(c)
+    if mode is None:
+        raise DistilflowError(f"data.image_shape: images need 1 or 3 channels, got {c}")
+    rows = []
+    for rel in manifest[data.path_column].astype(str):
+        p = Path(rel) if Path(rel).is_absolute() else base / rel
+        try:
+            with Image.open(p) as img:
+                arr = np.asarray(img.convert(mode).resize((w, h)), dtype=np.float64)
+        except FileNotFoundError:
+            raise DistilflowError(f"image listed in the manifest not found: {p}") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DistilflowError(f"image listed in the manifest could not be read: {p} ({exc})") from None
+        rows.append(arr.reshape(-1))
+    pixels = pd.DataFrame(np.stack(rows) if rows else np.zeros((0, h * w * c)), columns=[f"px{i}" for i in range(h * w * c)])
+    return pd.concat([pixels, manifest[[data.label_column]].reset_index(drop=True)], axis=1)
+
+
+def read_raw(source: str | Path, data: DataParams) -> pd.DataFrame:
+    """Read a raw table (CSV/Parquet) or image manifest into `label` + numeric features.
+
+    Labels are kept as raw text (normalised later by `clean`); every check that
+    can reject the file whole happens here, before anything is written.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DistilflowError(f"data.source not found: {path}")
+    if not path.is_file():
+        raise DistilflowError(f"data.source is not a file: {path}")
+    df = _read_any(path)
+    if data.label_column not in df.columns:
+        cols = ", ".join(map(str, df.columns[:8])) + (", ..." if len(df.columns) > 8 else "")
+        raise DistilflowError(f"label column '{data.label_column}' not found in {path} (columns: {cols}); set data.label_column")
+    if data.path_column in df.columns:
+        df = _load_images(df, path.parent, data)
+    if len(df) == 0:
+        raise DistilflowError(f"data.source {path} has a header but no rows")
+    features = [c for c in df.columns if c != data.label_column]
+    if not features:
+        raise DistilflowError(f"data.source {path} has no feature columns besides '{data.label_column}'")
+    bad = {}
+    out = {}
+    for col in features:
+        series = df[col]
+        if pd.api.types.is_bool_dtype(series) or not (pd.api.types.is_numeric_dtype(series)):
+            coerced = pd.to_numeric(series, errors="coerce")
+            offending = series[coerced.isna() & series.notna()]
+            if len(offending):
+                bad[col] = offending.iloc[0]
+                continue
+            series = coerced
+        out[str(col)] = series.astype(np.float64)
+    if bad:
+        shown = ", ".join(f"'{k}' (e.g. {v!r})" for k, v in list(bad.items())[:5])
+        raise DistilflowError(f"non-numeric feature columns in {path}: {shown}{' ...' if len(bad) > 5 else ''}")
+    if data.image_shape is not None:
+        h, w, c = data.image_shape
+        if len(out) != h * w * c:
+            raise DistilflowError(
+                f"{path} has {len(out)} feature columns, but data.image_shape {list(data.image_shape)} needs {h * w * c}"
+            )
+    table = pd.DataFrame(out)
+    raw_labels = df[data.label_column]
+    table.insert(0, LABEL, raw_labels.where(raw_labels.notna(), None).map(lambda v: None if v is None else str(v)))
+    return table
+
+
+# ----------------------------------------------------------------------------
+# clean
+
+
+def normalize_label(value) -> int | str | None:
+    """' 7 ' → 7, '7.0' → 7, 'Cat ' → 'cat', '' / NaN → None (missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if not text or text.lower() in ("nan", "none", "null"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text.lower()
+    if math.isfinite(number) and number.is_integer():
+        return int(number)
+    return text.lower()
+
+
+def _feature_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c != LABEL]
+
+
+def _row_keys(frame: pd.DataFrame, salt: int | str | None = None) -> np.ndarray:
+    """One uint64 per row from its content; a salt gives a different, stable order.
+
+    pandas' own `hash_key` only salts string columns, so the salt is mixed in
+    explicitly: XOR, then pandas' uint64 mixing function.
+    """
+    keys = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    if salt is None:
+        return keys
+    mixed = int.from_bytes(hashlib.sha256(str(salt).encode()).digest()[:8], "little")
+    return pd.util.hash_array(keys ^ np.uint64(mixed))
+
+
+def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class: int) -> tuple[pd.DataFrame, dict]:
+    """Apply each cleaning rule in turn and count what it did.
+
+    Order matters: conflicts are resolved by majority *before* exact duplicates
+    are collapsed, so three rows saying 7 outvote one row saying 1. The report
+    satisfies rows_in - sum(dropped) == rows_out.
+    """
+    dropped = dict.fromkeys(DROP_RULES, 0)
+    modified = {"cells_clipped": 0, "cells_to_impute": 0, "rows_to_impute": 0}
+    features = _feature_columns(df)
+    rows_in = len(df)
+
+    labels = df[LABEL].map(normalize_label)
+    keep = labels.notna().to_numpy().copy()  # pandas 3 hands out read-only views
+    dropped["missing_label"] = int((~keep).sum())
+    if data.classes is not None:
+        allowed = {normalize_label(c) for c in data.classes}
+        valid = labels.map(lambda v: v in allowed).to_numpy()
+        dropped["invalid_label"] = int((keep & ~valid).sum())
+        keep &= valid
+    X = df[features].to_numpy(dtype=np.float64)[keep]
+    y = labels.to_numpy(dtype=object)[keep]
+
+    finite = np.isfinite(X)
+    bad_rows = ~finite.all(axis=1)
+    if clean.nonfinite == "drop":
+        dropped["nonfinite"] = int(bad_rows.sum())
+        X, y = X[~bad_rows], y[~bad_rows]
+    else:  # leave NaN for the normalizer to fill with the *train* median (no leakage)
+        modified["cells_to_impute"] = int((~finite).sum())
+        modified["rows_to_impute"] = int(bad_rows.sum())
+        X = np.where(finite, X, np.nan)
+
+    if data.value_range is not None:
+        lo, hi = data.value_range
+        with np.errstate(invalid="ignore"):
+            outside = (X < lo) | (X > hi)
+        if clean.out_of_range == "drop":
+            rows = outside.any(axis=1)
+            dropped["out_of_range"] = int(rows.sum())
+            X, y = X[~rows], y[~rows]
+        else:
+            modified["cells_clipped"] = int(outside.sum())
+            X = np.where(outside, np.clip(X, lo, hi), X)
+
+    y = _uniform_labels(y)
+    fkey = _row_keys(pd.DataFrame(X))
+    keep = _resolve_conflicts(fkey, y, clean.conflicting_labels)
+    dropped["conflicting_labels"] = int((~keep).sum())
+    X, y, fkey = X[keep], y[keep], fkey[keep]
+
+    if clean.drop_duplicates:
+        dup = pd.DataFrame({"k": fkey, "y": y}).duplicated().to_numpy()
+        dropped["duplicates"] = int(dup.sum())
+        X, y = X[~dup], y[~dup]
+
+    need = max(min_per_class, clean.min_samples_per_class)
+    counts = pd.Series(y).value_counts()
+    rare = counts[counts < need]
+    rare_classes = {str(k): int(v) for k, v in rare.items()}
+    if len(rare):
+        if clean.rare_classes == "fail":
+            raise DistilflowError(
+                f"too few samples to stratify: classes {rare_classes} have fewer than {need} rows "
+                "(the split needs one per part); add data, or set clean.rare_classes=drop"
+            )
+        rows = np.isin(y, rare.index.to_numpy())
+        dropped["rare_classes"] = int(rows.sum())
+        X, y = X[~rows], y[~rows]
+
+    out = pd.DataFrame(X, columns=features)
+    out.insert(0, LABEL, y)
+    if len(out) == 0:
+        raise DistilflowError(f"no rows left after cleaning ({rows_in} in): {_nonzero(dropped)}; check data.classes and data.value_range")
+    n_classes = out[LABEL].nunique()
+    if n_classes < 2:
+        raise DistilflowError(f"only {n_classes} class left after cleaning ({_nonzero(dropped)}); a classifier needs at least 2")
+    report = {
+        "rows_in": rows_in,
+        "rows_out": len(out),
+        "dropped": dropped,
+        "modified": modified,
+        "rare_classes_dropped": rare_classes if clean.rare_classes == "drop" else {},
+        "class_counts": {str(k): int(v) for k, v in out[LABEL].value_counts().sort_index().items()},
+    }
+    return out, report
+
+
+def _nonzero(counts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "nothing dropped"
+
+
+def _uniform_labels(y: np.ndarray) -> np.ndarray:
+    """All-int labels stay ints; any mix becomes strings (parquet needs one type)."""
+    if all(isinstance(v, int) for v in y):
+        return y.astype(np.int64)
+    return np.array([str(v) for v in y], dtype=object)
+
+
+def _resolve_conflicts(fkey: np.ndarray, y: np.ndarray, mode: str) -> np.ndarray:
+    """Rows to keep where identical features carry different labels.
+
+    A group keeps only its strict-majority label's rows (mode 'majority'), or
+    is dropped whole when there is none or mode is 'drop'.
+    """
+    frame = pd.DataFrame({"k": fkey, "y": y})
+    conflicted = (frame.groupby("k")["y"].transform("nunique") > 1).to_numpy()
+    keep = np.ones(len(frame), dtype=bool)
+    if not conflicted.any():
+        return keep
+    keep[conflicted] = False
+    if mode == "majority":
+        sub = frame[conflicted]
+        counts = sub.groupby(["k", "y"]).size().rename("n").reset_index()
+        counts["group"] = counts.groupby("k")["n"].transform("sum")
+        winners = counts.loc[counts["n"] * 2 > counts["group"], ["k", "y"]]
+        merged = sub.merge(winners, on=["k", "y"], how="left", indicator=True)
+        keep[conflicted] = (merged["_merge"] == "both").to_numpy()
+    return keep
+
+
+# ----------------------------------------------------------------------------
+# split
+
+
+def _quota(n: int, fraction: float) -> int:
+    return 0 if fraction == 0 else max(1, math.floor(n * fraction + 0.5))
+
+
+def stratified_split(df: pd.DataFrame, split: SplitParams, seed: int) -> dict[str, pd.DataFrame]:
+    """Per-class train/val/test split by salted content hash.
+
+    Each row's place depends only on its own content and the salt, never on
+    row order, machine or library RNG, so the test split is frozen: the same
+    cleaned data gives the same test rows everywhere. `split.test_seed` salts
+    the test choice; `seed` salts train/val among the rest.
+    """
+    y = df[LABEL].to_numpy()
+    counts = df[LABEL].value_counts()
+    small = counts[counts < split.n_parts]
+    if len(small):
+        raise DistilflowError(
+            f"too few samples to stratify: classes {({str(k): int(v) for k, v in small.items()})} "
+            f"have fewer than {split.n_parts} rows (one per split part)"
+        )
+    n_per_row = counts.reindex(y).to_numpy()
+    n_test = np.array([_quota(n, split.test) for n in n_per_row])
+    n_val = np.array([_quota(n, split.val) for n in n_per_row])
+    if np.any(n_per_row - n_test - n_val < 1):
+        raise DistilflowError("split.train is too small: some class gets no training rows; raise split.train")
+
+    test_key = _row_keys(df, salt=split.test_seed)
+    rank = _rank_within_class(y, test_key)
+    is_test = rank < n_test
+    val_key = _row_keys(df, salt=f"trainval-{seed}")
+    rest = ~is_test
+    rank_rest = np.full(len(df), -1)
+    rank_rest[rest] = _rank_within_class(y[rest], val_key[rest])
+    is_val = rest & (rank_rest < n_val)
+    part = np.where(is_test, "test", np.where(is_val, "val", "train"))
+    out = {}
+    for name in SPLITS:
+        mask = part == name
+        # order by content hash, so a split's bytes do not depend on input order
+        order = np.argsort(test_key[mask], kind="stable")
+        out[name] = df[mask].iloc[order].reset_index(drop=True)
+    return out
+
+
+def _rank_within_class(y: np.ndarray, key: np.ndarray) -> np.ndarray:
+    frame = pd.DataFrame({"y": y, "k": key})
+    frame = frame.sort_values(["y", "k"], kind="stable")
+    ranks = frame.groupby("y", sort=False).cumcount()
+    return ranks.reindex(range(len(y))).to_numpy()
+
+
+# ----------------------------------------------------------------------------
+# normalize
+
+
+def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int, int] | None) -> dict:
+    """Fit imputation and scaling on the train split only, as a JSON-able record.
+
+    Every method reduces to per-feature (impute, shift, scale) vectors, so
+    serving applies one formula: (fill_nan(x, impute) - shift) / scale.
+    """
+    features = _feature_columns(train)
+    X = train[features].to_numpy(dtype=np.float64)
+    with np.errstate(all="ignore"):
+        impute = np.nanmedian(X, axis=0) if np.isnan(X).any() else np.median(X, axis=0)
+    impute = np.where(np.isfinite(impute), impute, 0.0)
+    X = np.where(np.isnan(X), impute, X)
+    if method == "standard":
+        shift, scale = X.mean(axis=0), X.std(axis=0)
+    elif method == "minmax":
+        shift, scale = X.min(axis=0), X.max(axis=0) - X.min(axis=0)
+    elif method == "per_channel":
+        c = image_shape[2]
+        per_channel = X.reshape(len(X), -1, c)
+        mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
+        shift, scale = np.tile(mean, X.shape[1] // c), np.tile(std, X.shape[1] // c)
+    elif method == "none":
+        shift, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
+    else:
+        raise DistilflowError(f"normalize.method: unknown method {method!r} (allowed: standard, minmax, per_channel, none)")
+    scale = np.where(scale > 0, scale, 1.0)  # constant features (digits' blank corners) pass through centred
+    classes = sorted(train[LABEL].unique().tolist())
+    return {
+        "version": 1,
+        "method": method,
+        "feature_columns": features,
+        "image_shape": list(image_shape) if image_shape else None,
+        "classes": classes,
+        "impute": impute.tolist(),
+        "shift": shift.tolist(),
+        "scale": scale.tolist(),
+    }
+
+
+def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
+    """Raw feature columns → normalised float32 matrix, as fitted by `fit_normalizer`."""
+    missing = [c for c in pre["feature_columns"] if c not in features.columns]
+    if missing:
+        raise DistilflowError(f"input is missing feature columns: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    X = features[pre["feature_columns"]].to_numpy(dtype=np.float64)
+    impute = np.asarray(pre["impute"])
+    X = np.where(np.isfinite(X), X, impute)
+    return ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# stages: path in, path out (the same entry points for Prefect and DVC)
+
+
+def ingest_stage(source: Path, out: Path, data: DataParams) -> dict:
+    table = read_raw(source, data)
+    write_table(table, out)
+    return {"rows": len(table), "features": table.shape[1] - 1, "data_md5": file_md5(source)}
+
+
+def clean_stage(inp: Path, out: Path, report_path: Path, clean_params: CleanParams, data: DataParams, min_per_class: int) -> dict:
+    cleaned, report = clean(read_table(inp), clean_params, data, min_per_class)
+    write_table(cleaned, out)
+    write_json(report, report_path)
+    return report
+
+
+def split_stage(inp: Path, out_dir: Path, report_path: Path, split: SplitParams, seed: int) -> dict:
+    parts = stratified_split(read_table(inp), split, seed)
+    report = {"sizes": {}, "hashes": {}, "class_counts": {}}
+    for name, frame in parts.items():
+        write_table(frame, Path(out_dir) / f"{name}.parquet")
+        report["sizes"][name] = len(frame)
+        report["hashes"][name] = frame_hash(frame)
+        report["class_counts"][name] = {str(k): int(v) for k, v in frame[LABEL].value_counts().sort_index().items()}
+    write_json(report, report_path)
+    return report
+
+
+def normalize_stage(train_path: Path, out: Path, method: str, image_shape: tuple[int, int, int] | None) -> dict:
+    pre = fit_normalizer(read_table(train_path), method, image_shape)
+    write_json(pre, out)
+    return {"method": method, "n_features": len(pre["feature_columns"]), "classes": pre["classes"]}
+
+
+def cleaning_table(report: dict) -> str:
+    """The cleaning report as a markdown table a person can read in the MLflow UI."""
+    lines = ["| rule | rows dropped |", "|---|---:|", f"| rows in | {report['rows_in']} |"]
+    lines += [f"| {rule.replace('_', ' ')} | {n} |" for rule, n in report["dropped"].items()]
+    lines += [f"| **rows out** | **{report['rows_out']}** |", ""]
+    lines += ["| change in place | cells |", "|---|---:|"]
+    lines += [f"| {k.replace('_', ' ')} | {v} |" for k, v in report["modified"].items()]
+    if report["rare_classes_dropped"]:
+        lines += ["", f"Rare classes dropped (class: rows): {report['rare_classes_dropped']}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Prefect tasks: naming, retries and content-keyed caching; no logic.
+
+from prefect import task  # noqa: E402
+
+from distilflow.caching import content_cache_key, retry_unless_user_error  # noqa: E402
+from distilflow.layout import Layout  # noqa: E402
+from distilflow.records import StageResult  # noqa: E402
+
+CACHED = dict(cache_key_fn=content_cache_key, persist_result=True)
+RETRY_IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_unless_user_error)
+
+
+@task(name="ingest", **CACHED, **RETRY_IO)
+def ingest_task(source: Path, data: DataParams, layout: Layout) -> StageResult:
+    info = ingest_stage(source, layout.ingested, data)
+    return StageResult.of(
+        [layout.ingested],
+        metrics={"rows": info["rows"], "features": info["features"]},
+        params={"source": str(source), "label_column": data.label_column, "image_shape": str(data.image_shape)},
+        tags={"data_md5": info["data_md5"]},
+        info=info,
+    )
+
+
+@task(name="clean", **CACHED)
+def clean_task(ingested: Path, clean_params: CleanParams, data: DataParams, min_per_class: int, layout: Layout) -> StageResult:
+    report = clean_stage(ingested, layout.cleaned, layout.cleaning_report, clean_params, data, min_per_class)
+    metrics = {"rows_in": report["rows_in"], "rows_out": report["rows_out"]}
+    metrics |= {f"dropped.{k}": v for k, v in report["dropped"].items()}
+    metrics |= {f"modified.{k}": v for k, v in report["modified"].items()}
+    return StageResult.of(
+        [layout.cleaned, layout.cleaning_report],
+        metrics=metrics,
+        params=clean_params.model_dump(mode="json"),
+        artifacts=[str(layout.cleaning_report)],
+        texts={"cleaning_report.md": cleaning_table(report)},
+        info=report,
+    )
+
+
+@task(name="split", **CACHED)
+def split_task(cleaned: Path, split: SplitParams, seed: int, layout: Layout) -> StageResult:
+    report = split_stage(cleaned, layout.split_dir, layout.split_report, split, seed)
+    return StageResult.of(
+        [layout.split(n) for n in SPLITS] + [layout.split_report],
+        metrics={f"rows.{k}": v for k, v in report["sizes"].items()},
+        params=split.model_dump(mode="json") | {"seed": seed},
+        tags={f"split_hash.{k}": v for k, v in report["hashes"].items()},
+        artifacts=[str(layout.split_report)],
+        info=report,
+    )
+
+
+@task(name="normalize", **CACHED)
+def normalize_task(train: Path, method: str, image_shape: tuple[int, int, int] | None, layout: Layout) -> StageResult:
+    info = normalize_stage(train, layout.preprocessor, method, image_shape)
+    return StageResult.of(
+        [layout.preprocessor],
+        metrics={"n_features": info["n_features"], "n_classes": len(info["classes"])},
+        params={"method": method},
+        artifacts=[str(layout.preprocessor)],
+        info=info,
+    )

@@ -1,0 +1,87 @@
+"""`dvc repro` in a temporary copy of the repo: real DVC, real git."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distilflow.layout import Layout
+from tests.conftest import REPO, edit_params
+
+pytestmark = pytest.mark.slow
+TRACKED = ["distilflow", "tasks", "flows", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+           "data/raw/digits.csv.dvc", "data/raw/.gitignore"]
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, digits_csv) -> Path:
+    for rel in TRACKED:
+        src, dst = REPO / rel, tmp_path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, dst))
+    shutil.copy(digits_csv, tmp_path / "data/raw/digits.csv")
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, "git", "commit", "-qm", "init")
+    return tmp_path
+
+
+def test_dvc_yaml_paths_match_the_layout():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    layout = Layout(REPO)
+    rel = lambda p: str(p.relative_to(layout.root))  # noqa: E731
+    assert stages["ingest"]["outs"] == [rel(layout.ingested)]
+    assert stages["clean"]["outs"] == [rel(layout.cleaned), rel(layout.cleaning_report)]
+    assert stages["split"]["outs"] == [rel(layout.split(s)) for s in ("train", "val", "test")] + [rel(layout.split_report)]
+    assert stages["normalize"]["outs"] == [rel(layout.preprocessor)]
+    assert stages["normalize"]["deps"][0] == rel(layout.split("train"))
+
+
+def test_raw_data_md5_matches_the_committed_dvc_file(digits_csv):
+    from distilflow.hashing import file_md5
+
+    committed = yaml.safe_load((REPO / "data/raw/digits.csv.dvc").read_text())["outs"][0]["md5"]
+    assert file_md5(digits_csv) == committed
+
+
+def test_repro_twice_then_a_param_change_reruns_only_downstream(dvc_repo):
+    first = sh(dvc_repo, "dvc", "repro")
+    for stage in ("ingest", "clean", "split", "normalize"):
+        assert f"Running stage '{stage}'" in first
+    assert Layout(dvc_repo).preprocessor.exists()
+
+    second = sh(dvc_repo, "dvc", "repro")
+    assert "Running stage" not in second
+    assert "Data and pipelines are up to date" in second
+
+    sh(dvc_repo, "git", "add", "-A")
+    sh(dvc_repo, "git", "commit", "-qm", "repro")
+    edit_params(dvc_repo, normalize={"method": "minmax"})
+    diff = sh(dvc_repo, "dvc", "params", "diff")
+    assert "normalize.method" in diff and "standard" in diff and "minmax" in diff
+    third = sh(dvc_repo, "dvc", "repro")
+    assert "Running stage 'normalize'" in third
+    assert all(f"Running stage '{s}'" not in third for s in ("ingest", "clean", "split"))
+
+
+def test_push_and_pull_through_the_default_local_remote(dvc_repo):
+    sh(dvc_repo, "dvc", "repro")
+    sh(dvc_repo, "dvc", "push")
+    assert any((dvc_repo / ".dvc-storage").rglob("*")), "the default remote lives in .dvc-storage/"
+    shutil.rmtree(dvc_repo / ".dvc/cache")
+    shutil.rmtree(dvc_repo / "data/split")
+    (dvc_repo / "data/raw/digits.csv").unlink()
+    sh(dvc_repo, "dvc", "pull")
+    assert (dvc_repo / "data/split/test.parquet").exists() and (dvc_repo / "data/raw/digits.csv").exists()

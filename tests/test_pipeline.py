@@ -1,0 +1,114 @@
+"""The flow on a real Prefect API with a real MLflow SQLite store."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from distilflow.cli import main
+from distilflow.hashing import file_md5
+from distilflow.layout import Layout
+from distilflow.params import load_params
+from distilflow.tracking import default_tracking_uri
+from flows.pipeline import pipeline
+from tests.conftest import REPO, edit_params
+
+pytestmark = pytest.mark.slow
+STAGES = ["ingest", "clean", "split", "normalize"]
+
+
+def run(project, **overrides):
+    for section, values in overrides.items():
+        edit_params(project, **{section: values})
+    return pipeline(params=load_params(project / "params.yaml"), root=str(project), tracking_uri=default_tracking_uri(project))
+
+
+def test_flow_logs_parent_and_child_runs_with_lineage(prefect_api, project):
+    summary = run(project)
+    assert summary["stages"] == dict.fromkeys(STAGES, "ran")
+    client = MlflowClient(default_tracking_uri(project))
+    exp = client.get_experiment_by_name("distilflow-digits")
+    parent = client.get_run(summary["run_id"])
+    assert parent.info.status == "FINISHED" and parent.info.experiment_id == exp.experiment_id
+    assert parent.info.run_name.startswith("digits-")
+    tags = parent.data.tags
+    assert tags["data_md5"] == file_md5(project / "data/raw/digits.csv")
+    assert tags["params_hash"] == load_params(project / "params.yaml").hash()
+    assert tags["git_commit"]
+    assert {f"split_hash.{s}" for s in ("train", "val", "test")} <= set(tags)
+    assert parent.data.params["split.test"] == "0.15" and parent.data.params["clean.nonfinite"] == "drop"
+    assert parent.data.metrics["rows.test"] == 269
+
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["distilflow.stage"]: r for r in children}
+    assert sorted(by_stage) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" and r.data.tags["data_md5"] == tags["data_md5"] for r in children)
+    clean_run = by_stage["clean"]
+    assert clean_run.data.metrics["rows_in"] == 1797
+    files = {a.path for a in client.list_artifacts(clean_run.info.run_id)}
+    assert {"cleaning.json", "cleaning_report.md"} <= files
+    table = client.download_artifacts(clean_run.info.run_id, "cleaning_report.md", str(project))
+    assert "| **rows out** | **1797** |" in open(table).read()
+    assert "preprocessor.json" in {a.path for a in client.list_artifacts(by_stage["normalize"].info.run_id)}
+    assert "params.effective.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_cache_skips_unchanged_and_reruns_only_downstream(prefect_api, project):
+    assert run(project)["stages"] == dict.fromkeys(STAGES, "ran")
+    assert run(project)["stages"] == dict.fromkeys(STAGES, "cached")
+    assert run(project, normalize={"method": "minmax"})["stages"] == {
+        "ingest": "cached", "clean": "cached", "split": "cached", "normalize": "ran"}
+    assert run(project, split={"test_seed": 3})["stages"] == {
+        "ingest": "cached", "clean": "cached", "split": "ran", "normalize": "ran"}
+    # an output deleted behind the cache's back is rebuilt, not trusted
+    Layout(project).preprocessor.unlink()
+    assert run(project)["stages"]["normalize"] == "ran"
+    # new raw data reruns everything
+    raw = pd.read_csv(project / "data/raw/digits.csv")
+    raw.iloc[:-5].to_csv(project / "data/raw/digits.csv", index=False)
+    assert run(project)["stages"] == dict.fromkeys(STAGES, "ran")
+
+
+def _runs_by_status(project):
+    client = MlflowClient(default_tracking_uri(project))
+    exp = client.get_experiment_by_name("distilflow-digits")
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id])
+    return {s: sum(r.info.status == s for r in runs) for s in {r.info.status for r in runs}}
+
+
+@pytest.mark.parametrize(
+    "setup,message,failed_outputs",
+    [
+        (lambda p: (p / "data/raw/digits.csv").unlink(), "data.source not found", ["ingested"]),
+        (lambda p: (p / "data/raw/digits.csv").write_text("a,b\n1,2\n"), "label column 'label' not found", ["ingested"]),
+        (lambda p: edit_params(p, data={"classes": ["x", "y"]}), "no rows left after cleaning", ["cleaned", "cleaning_report"]),
+        (lambda p: edit_params(p, clean={"rare_classes": "fail", "min_samples_per_class": 500}),
+         "too few samples to stratify", ["cleaned", "cleaning_report"]),
+    ],
+)
+def test_bad_input_through_the_cli(prefect_api, project, capfd, setup, message, failed_outputs):
+    setup(project)
+    code = main(["run", "--params", str(project / "params.yaml")])
+    out, err = capfd.readouterr()
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(f"distilflow: error: ") and message in err.strip().splitlines()[-1]
+    assert "Traceback" not in out + err
+    layout = Layout(project)
+    assert not any(getattr(layout, name).exists() for name in failed_outputs)
+    assert not layout.preprocessor.exists()
+    statuses = _runs_by_status(project)
+    assert statuses.get("FAILED", 0) >= 1 and "RUNNING" not in statuses
+
+
+def test_malformed_params_in_a_fresh_process(project):
+    (project / "params.yaml").write_text("split:\n  train: [0.7\n")
+    proc = subprocess.run([sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("distilflow: error:") and "not valid YAML" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (project / "mlflow.db").exists()

@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one param for this run, e.g. --set split.test=0.2 (repeatable)")
         return p
 
-    with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow, tracked in MLflow"))
+    run = with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow, tracked in MLflow"))
+    run.add_argument("--stop-after", choices=["normalize"], help="stop after this stage (the data half)")
+    with_params(sub.add_parser("pretrain", help="pretrain the demo backbone on MNIST and register it in MLflow"))
     stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
     stage.add_argument("name", choices=STAGES)
     demo = sub.add_parser("demo-data", help="write scikit-learn's digits as the demo raw CSV")
@@ -78,12 +80,23 @@ def _run(args) -> int:
     from distilflow.tracking import default_tracking_uri
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    _install_log_filter()
+    if args.command == "pretrain":
+        from flows.pretrain import pretrain
+
+        summary = pretrain(params=params, root=str(root), tracking_uri=uri)
+        print(f"done: {summary['uri']} (version {summary['version']}) in {uri}")
+        return 0
     from flows.pipeline import pipeline
 
-    _install_log_filter()
-    summary = pipeline(params=params, root=str(root), tracking_uri=uri)
+    summary = pipeline(params=params, root=str(root), tracking_uri=uri, stop_after=args.stop_after)
     print(f"done: MLflow run {summary['run_id']} in {uri}")
     print("stages: " + ", ".join(f"{k}={v}" for k, v in summary["stages"].items()))
+    if "teacher" in summary:
+        print(f"teacher test accuracy: {summary['teacher']['test.accuracy']:.4f}")
+    for budget, row in (summary.get("transfer_gain") or {}).items():
+        print(f"transfer gain at {budget} labels/class: {row['gain']:+.4f} "
+              f"(pretrained {row['pretrained']:.4f} vs scratch {row['scratch']:.4f})")
     return 0
 
 

@@ -37,6 +37,17 @@ class Layout:
         return self.root / "artifacts/preprocessor.json"
 
     @property
+    def teacher(self) -> Path:
+        return self.root / "artifacts/teacher"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "artifacts/pretrained"
+
+    def checkpoint(self, stage: str, key: str) -> Path:
+        return self.root / f"artifacts/checkpoints/{stage}-{key}.pt"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

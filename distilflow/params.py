@@ -82,7 +82,79 @@ class SplitParams(Section):
 
 
 class NormalizeParams(Section):
-    method: Literal["standard", "minmax", "per_channel", "none"] = "standard"
+    method: Literal["standard", "minmax", "per_channel", "none"] = "per_channel"
+
+
+class BackboneParams(Section):
+    """Which pretrained backbone the teacher starts from.
+
+    spec: `hf:<hub id or local dir>` | `mlflow:models:/<name>@<alias>` |
+    `file:<path>` (safetensors or state_dict, with `arch`) | `builtin:cnn` |
+    `builtin:resnet18` (transformers' ResNet, random init).
+    """
+
+    spec: str = "mlflow:models:/distilflow-pretrained-mnist@pretrained"
+    arch: str | None = None
+    width: int = Field(default=16, ge=1)
+    depth: int = Field(default=3, ge=1)
+    input_size: tuple[int, int] | None = None
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_spec(self) -> "BackboneParams":
+        kinds = ("hf:", "mlflow:", "file:", "builtin:")
+        if not self.spec.startswith(kinds):
+            raise ValueError(f"backbone.spec {self.spec!r} must start with one of {', '.join(kinds)}")
+        if self.spec.startswith("file:") and not self.arch:
+            raise ValueError("backbone.spec file:... needs backbone.arch (e.g. builtin:cnn) to rebuild the network")
+        return self
+
+
+class AugmentParams(Section):
+    """Train-split-only augmentation (kornia); off for val/test."""
+
+    enabled: bool = False
+    shift: float = Field(default=0.1, ge=0, lt=1)
+    rotation: float = Field(default=10.0, ge=0, le=180)
+    scale: float = Field(default=0.1, ge=0, lt=1)
+    noise: float = Field(default=0.0, ge=0)
+
+
+class TrainParams(Section):
+    """Fine-tuning: strategy, optimiser and schedule (AdamW, warmup then cosine)."""
+
+    strategy: Literal["linear_probe", "full", "progressive"] = "full"
+    epochs: int = Field(default=15, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    lr_decay: float = Field(default=0.5, gt=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    patience: int = Field(default=5, ge=1)
+    unfreeze_every: int = Field(default=2, ge=1)
+    label_budget: int | None = Field(default=None, ge=1)
+    augment: AugmentParams = AugmentParams()
+    threads: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TransferParams(Section):
+    """The transfer-gain check: pretrained vs scratch at a few low label budgets."""
+
+    enabled: bool = True
+    label_budgets: list[int] = [5, 20]
+    epochs: int = Field(default=15, ge=1)
+
+
+class PretrainParams(Section):
+    """The `pretrain` flow: a backbone trained on another dataset, registered in MLflow."""
+
+    dataset: Literal["mnist"] = "mnist"
+    backbone: BackboneParams = BackboneParams(spec="builtin:cnn", width=32, depth=4)
+    train: TrainParams = TrainParams(epochs=5, lr=3e-3, warmup_epochs=1)
+    registered_model: str = "distilflow-pretrained-mnist"
 
 
 class TrackingParams(Section):
@@ -95,6 +167,10 @@ class Params(Section):
     clean: CleanParams = CleanParams()
     split: SplitParams = SplitParams()
     normalize: NormalizeParams = NormalizeParams()
+    backbone: BackboneParams = BackboneParams()
+    train: TrainParams = TrainParams()
+    transfer: TransferParams = TransferParams()
+    pretrain: PretrainParams = PretrainParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ class StageResult:
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
     @classmethod

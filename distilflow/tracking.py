@@ -139,6 +139,38 @@ class Tracker:
             raise
         self.client.set_terminated(run.run_id, "FINISHED")
 
+    def register_classifier(self, run: Run, model_dir: Path, preprocessor: Path, name: str, alias: str,
+                            input_example, tags: dict[str, str] | None = None) -> str:
+        """Log a classifier + its preprocessing as a pyfunc in `run`, register it, point `alias` at it."""
+        import mlflow
+
+        from tasks.serving import ClassifierModel
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=ClassifierModel(),
+                artifacts={"classifier": str(model_dir), "preprocessor": str(preprocessor)},
+                input_example=input_example, registered_model_name=name,
+            )
+        version = str(info.registered_model_version)
+        self.client.set_registered_model_alias(name, alias, version)
+        for key, value in (tags or {}).items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+        return version
+
+    def resolve_model_version(self, models_uri: str) -> str | None:
+        """`models:/name@alias` → 'name/version' (for cache keys), or None if absent."""
+        from mlflow.exceptions import MlflowException
+
+        ref = models_uri.removeprefix("models:/")
+        name, sep, alias = ref.partition("@")
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias) if sep else self.client.get_model_version(*ref.split("/"))
+        except MlflowException:
+            return None
+        return f"{mv.name}/{mv.version}"
+
     def log_stage(self, parent: Run, stage: str, result, cached: bool, lineage: dict[str, str]) -> Run:
         """One child run holding a stage's record (metrics, tags, files, texts)."""
         tags = {STAGE_TAG: stage, "distilflow.cached": str(cached).lower(), **lineage, **result.tags}
@@ -147,6 +179,8 @@ class Tracker:
                 child.log_params(result.params)
             if result.metrics:
                 child.log_metrics(result.metrics)
+            for step, row in enumerate(result.history):
+                child.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
             for path in result.artifacts:
                 child.log_artifact(path)
             for name, text in result.texts.items():

@@ -3,29 +3,41 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow
 
+from distilflow.errors import DistilflowError
 from distilflow.layout import Layout
 from distilflow.params import Params
 from distilflow.records import StageResult
 from distilflow.tracking import Tracker, git_commit
+from flows.common import run_stage
+from flows.pretrain import pretrain
 from tasks.data import clean_task, ingest_task, normalize_task, split_task
+from tasks.finetune import finetune_task, transfer_gain_task
 
 
-def run_stage(task, **kwargs) -> tuple[StageResult, bool]:
-    """Run a task; if its cache hit points at files since changed, run it afresh."""
-    state = task(**kwargs, return_state=True)
-    result = state.result()
-    cached = state.name == "Cached"
-    if cached and not result.outputs_intact():
-        result, cached = task.with_options(refresh_cache=True)(**kwargs), False
-    return result, cached
+def ensure_backbone(params: Params, tracker: Tracker, root: str) -> str | None:
+    """For an `mlflow:` backbone, the registered version it names (for cache keys).
+
+    The demo's own pretrained model is built on first use by the pretrain flow.
+    """
+    spec = params.backbone.spec
+    if not spec.startswith("mlflow:"):
+        return None
+    uri = spec.removeprefix("mlflow:")
+    version = tracker.resolve_model_version(uri)
+    if version is None and uri.startswith(f"models:/{params.pretrain.registered_model}@"):
+        pretrain(params=params, root=root, tracking_uri=tracker.uri)
+        version = tracker.resolve_model_version(uri)
+    if version is None:
+        raise DistilflowError(f"backbone.spec {spec}: no such registered model version in {tracker.uri}")
+    return version
 
 
 @flow(name="distilflow-pipeline", log_prints=True)
-def pipeline(params: Params, root: str, tracking_uri: str) -> dict:
+def pipeline(params: Params, root: str, tracking_uri: str, stop_after: str | None = None) -> dict:
+    """Run every stage, or those up to and including `stop_after` (e.g. "normalize")."""
     layout = Layout(root)
     tracker = Tracker(tracking_uri, layout.root)
     lineage = {"git_commit": git_commit(layout.root), "params_hash": params.hash()}
@@ -53,12 +65,22 @@ def pipeline(params: Params, root: str, tracking_uri: str) -> dict:
         normalized = stage("normalize", normalize_task, train=layout.split("train"), method=params.normalize.method,
                            image_shape=params.data.image_shape, layout=layout)
         parent.log_metrics({"rows_clean": cleaned.info["rows_out"], **split.metrics})
+        summary = {"run_id": parent.run_id, "experiment_id": parent.experiment_id, "stages": stages,
+                   "split_hashes": split.info["hashes"], "classes": normalized.info["classes"]}
+        if stop_after != "normalize":
+            source_version = ensure_backbone(params, tracker, str(layout.root))
+            common = dict(backbone=params.backbone, train=params.train, seed=params.seed,
+                          image_shape=params.data.image_shape, source_version=source_version,
+                          tracking_uri=tracking_uri, layout=layout)
+            teacher = stage("finetune", finetune_task, train_split=layout.split("train"), val_split=layout.split("val"),
+                            preprocessor=layout.preprocessor, **common)
+            parent.log_metrics({f"teacher.{k}": v for k, v in teacher.metrics.items() if k.startswith("test.")})
+            summary["teacher"] = teacher.metrics
+            if params.transfer.enabled and source_version is not None:
+                gain = stage("transfer_gain", transfer_gain_task, train_split=layout.split("train"),
+                             test_split=layout.split("test"), preprocessor=layout.preprocessor,
+                             transfer=params.transfer, **common)
+                parent.log_metrics(gain.metrics)
+                summary["transfer_gain"] = gain.info["gains"]
 
-    return {
-        "run_id": parent.run_id,
-        "experiment_id": parent.experiment_id,
-        "stages": stages,
-        "split_hashes": split.info["hashes"],
-        "preprocessor": str(layout.preprocessor),
-        "classes": normalized.info["classes"],
-    }
+    return summary

@@ -455,6 +455,17 @@ def cleaning_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_xy(split_path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A split as model input: normalised float32 features and class indices (order of pre['classes'])."""
+    frame = read_table(split_path)
+    index = {c: i for i, c in enumerate(pre["classes"])}
+    y = frame[LABEL].map(index)
+    if y.isna().any():
+        unknown = sorted(set(frame[LABEL][y.isna()].astype(str)))[:5]
+        raise DistilflowError(f"{split_path} has labels the preprocessor does not know: {unknown}")
+    return apply_normalizer(pre, frame), y.to_numpy(dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------
 # Prefect tasks: naming, retries and content-keyed caching; no logic.
 

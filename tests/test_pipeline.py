@@ -22,7 +22,8 @@ STAGES = ["ingest", "clean", "split", "normalize"]
 def run(project, **overrides):
     for section, values in overrides.items():
         edit_params(project, **{section: values})
-    return pipeline(params=load_params(project / "params.yaml"), root=str(project), tracking_uri=default_tracking_uri(project))
+    return pipeline(params=load_params(project / "params.yaml"), root=str(project),
+                    tracking_uri=default_tracking_uri(project), stop_after="normalize")
 
 
 def test_flow_logs_parent_and_child_runs_with_lineage(prefect_api, project):
@@ -92,7 +93,7 @@ def _runs_by_status(project):
 )
 def test_bad_input_through_the_cli(prefect_api, project, capfd, setup, message, failed_outputs):
     setup(project)
-    code = main(["run", "--params", str(project / "params.yaml")])
+    code = main(["run", "--params", str(project / "params.yaml"), "--stop-after", "normalize"])
     out, err = capfd.readouterr()
     assert code == 1
     assert err.strip().splitlines()[-1].startswith(f"distilflow: error: ") and message in err.strip().splitlines()[-1]
@@ -112,3 +113,39 @@ def test_malformed_params_in_a_fresh_process(project):
     assert proc.stderr.strip().startswith("distilflow: error:") and "not valid YAML" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (project / "mlflow.db").exists()
+
+
+TINY = dict(
+    pretrain={"backbone": {"spec": "builtin:cnn", "width": 16, "depth": 3}, "train": {"epochs": 2, "warmup_epochs": 0}},
+    train={"epochs": 4, "warmup_epochs": 0},
+    transfer={"label_budgets": [5], "epochs": 2},
+)
+
+
+def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_api, project):
+    for section, values in TINY.items():
+        edit_params(project, **{section: values})
+    params = load_params(project / "params.yaml")
+    uri = default_tracking_uri(project)
+    summary = pipeline(params=params, root=str(project), tracking_uri=uri)
+    assert summary["stages"]["finetune"] == "ran" and summary["stages"]["transfer_gain"] == "ran"
+    client = MlflowClient(uri)
+    pretrained = client.get_model_version_by_alias("distilflow-pretrained-mnist", "pretrained")
+    assert pretrained.tags["git_commit"] and pretrained.tags["dataset"] == "mnist"
+
+    parent = client.get_run(summary["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    ft = next(r for r in children if r.data.tags["distilflow.stage"] == "finetune")
+    assert ft.data.tags["backbone.version"] == f"distilflow-pretrained-mnist/{pretrained.version}"
+    assert len(client.get_metric_history(ft.info.run_id, "val_accuracy")) == 4
+    assert len(client.get_metric_history(ft.info.run_id, "samples_per_s")) == 4
+    files = {a.path for a in client.list_artifacts(ft.info.run_id)}
+    assert {"teacher_learning_curve.png", "teacher_confusion_test.png", "teacher"} <= files
+    assert {"model.safetensors", "arch.json"} <= {a.path.split("/")[-1] for a in client.list_artifacts(ft.info.run_id, "teacher")}
+    assert ft.data.metrics["test.accuracy"] > 0.5 and "recall.9" in {k.removeprefix("test.") for k in ft.data.metrics}
+    gain = parent.data.metrics
+    assert gain["transfer.gain.5_per_class"] == pytest.approx(
+        gain["transfer.pretrained.5_per_class"] - gain["transfer.scratch.5_per_class"])
+
+    again = pipeline(params=params, root=str(project), tracking_uri=uri)
+    assert again["stages"]["finetune"] == "cached" and again["stages"]["transfer_gain"] == "cached"

@@ -1,0 +1,128 @@
+"""Backbone sources: hf (a tiny model saved with save_pretrained, loaded by path), mlflow, file, built-in."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from distilflow.errors import DistilflowError
+from distilflow.params import BackboneParams, params_from_dict
+from tasks.backbones import build_classifier, load_backbone, load_classifier, save_classifier
+
+SHAPE = (8, 8, 1)
+
+
+def backbone_state(model):
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+def assert_same_backbone(a, b):
+    sa, sb = backbone_state(a), backbone_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def tiny_resnet_dir(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    model = ResNetModel(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    model.save_pretrained(tmp_path / "tiny-resnet")
+    return tmp_path / "tiny-resnet", model
+
+
+def test_hf_backbone_from_a_saved_directory(tiny_resnet_dir):
+    path, source = tiny_resnet_dir
+    model, arch = load_backbone(BackboneParams(spec=f"hf:{path}", input_size=(16, 16)), SHAPE, 64, 5)
+    assert model(torch.randn(4, 64)).shape == (4, 5)
+    assert model.adapter.in_channels == 3 and model.adapter.size == (16, 16)  # 1 → 3 channels, 8×8 → 16×16
+    src = source.state_dict()
+    assert all(torch.equal(v, src[k.removeprefix("backbone.model.")]) for k, v in backbone_state(model).items())
+    assert len(model.blocks) == 3  # stem + 2 stages, for unfreezing and discriminative LRs
+    fresh = build_classifier(arch)  # the from-scratch twin: same architecture, new weights
+    assert backbone_state(fresh).keys() == backbone_state(model).keys()
+    assert not torch.equal(fresh.backbone.model.embedder.embedder.convolution.weight,
+                           model.backbone.model.embedder.embedder.convolution.weight)
+
+
+def test_hf_vit_gets_its_fixed_input_size(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32)).save_pretrained(tmp_path / "vit")
+    model, _ = load_backbone(BackboneParams(spec=f"hf:{tmp_path / 'vit'}"), SHAPE, 64, 3)
+    assert model.adapter.size == (16, 16) and model(torch.randn(2, 64)).shape == (2, 3)
+    assert len(model.blocks) == 3  # embeddings + 2 encoder layers
+
+
+def test_file_backbone_safetensors_and_state_dict(tmp_path):
+    spec = BackboneParams(spec="builtin:cnn", width=8, depth=2)
+    torch.manual_seed(1)
+    source, _ = load_backbone(spec, SHAPE, 64, 10)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        model, arch = load_backbone(BackboneParams(spec=f"file:{tmp_path / name}", arch="builtin:cnn", width=8, depth=2),
+                                    SHAPE, 64, 4)
+        assert_same_backbone(model, source)
+        assert model.head.out_features == 4 and arch["source"].startswith("file:")
+
+
+def test_mlflow_backbone_from_the_registry(tmp_path):
+    import pandas as pd
+
+    from distilflow.io import write_json
+    from distilflow.tracking import Tracker, default_tracking_uri
+
+    torch.manual_seed(2)
+    source, arch = load_backbone(BackboneParams(spec="builtin:cnn", width=8, depth=2), (28, 28, 1), 784, 10)
+    save_classifier(source, arch, tmp_path / "model")
+    pre = {"feature_columns": [f"px{i}" for i in range(784)], "classes": list(range(10)),
+           "impute": [0.0] * 784, "shift": [0.0] * 784, "scale": [1.0] * 784}
+    write_json(pre, tmp_path / "pre.json")
+    uri = default_tracking_uri(tmp_path)
+    tracker = Tracker(uri, tmp_path)
+    with tracker.run("pretrain", "p") as run:
+        tracker.register_classifier(run, tmp_path / "model", tmp_path / "pre.json", "bb", "pretrained",
+                                    input_example=pd.DataFrame([[0.0] * 784], columns=pre["feature_columns"]))
+    model, arch = load_backbone(BackboneParams(spec="mlflow:models:/bb@pretrained"), SHAPE, 64, 3, tracking_uri=uri)
+    assert_same_backbone(model, source)
+    assert model.head.out_features == 3 and model.adapter.size == (28, 28)  # digits resized to what it learned on
+    with pytest.raises(DistilflowError, match="mlflow:models:/bb@nope"):
+        load_backbone(BackboneParams(spec="mlflow:models:/bb@nope"), SHAPE, 64, 3, tracking_uri=uri)
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DistilflowError, match="hf:no-such-org/no-such-model could not be loaded"):
+        load_backbone(BackboneParams(spec="hf:no-such-org/no-such-model"), SHAPE, 64, 3)
+
+
+def test_weights_that_do_not_fit_the_named_architecture(tmp_path):
+    torch.manual_seed(0)
+    wide, _ = load_backbone(BackboneParams(spec="builtin:cnn", width=16, depth=2), SHAPE, 64, 10)
+    save_file(wide.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(DistilflowError, match="does not match backbone.arch builtin:cnn"):
+        load_backbone(BackboneParams(spec=f"file:{tmp_path / 'w.safetensors'}", arch="builtin:cnn", width=16, depth=3), SHAPE, 64, 10)
+
+
+def test_pickled_whole_model_is_refused(tmp_path):
+    model, _ = load_backbone(BackboneParams(spec="builtin:cnn", width=4, depth=1), SHAPE, 64, 10)
+    torch.save(model, tmp_path / "model.pt")  # a full pickle, not a state_dict
+    with pytest.raises(DistilflowError, match="not a weights-only state_dict"):
+        load_backbone(BackboneParams(spec=f"file:{tmp_path / 'model.pt'}", arch="builtin:cnn"), SHAPE, 64, 10)
+
+
+def test_class_count_mismatch_and_other_bad_specs(tmp_path):
+    model, arch = load_backbone(BackboneParams(spec="builtin:cnn", width=4, depth=1), SHAPE, 64, 10)
+    save_classifier(model, arch, tmp_path / "m")
+    assert load_classifier(tmp_path / "m", num_classes=10)[0].head.out_features == 10
+    with pytest.raises(DistilflowError, match="predicts 10 classes, but the data has 5"):
+        load_classifier(tmp_path / "m", num_classes=5)
+    with pytest.raises(DistilflowError, match="unknown built-in architecture"):
+        load_backbone(BackboneParams(spec="builtin:vgg99"), SHAPE, 64, 10)
+    with pytest.raises(DistilflowError, match="file:/nope.pt: no such file"):
+        load_backbone(BackboneParams(spec="file:/nope.pt", arch="builtin:cnn"), SHAPE, 64, 10)
+    with pytest.raises(DistilflowError, match="must start with one of"):
+        params_from_dict({"backbone": {"spec": "torchvision:resnet18"}})
+    with pytest.raises(DistilflowError, match="needs backbone.arch"):
+        params_from_dict({"backbone": {"spec": "file:w.pt"}})

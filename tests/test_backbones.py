@@ -126,3 +126,15 @@ def test_class_count_mismatch_and_other_bad_specs(tmp_path):
         params_from_dict({"backbone": {"spec": "torchvision:resnet18"}})
     with pytest.raises(DistilflowError, match="needs backbone.arch"):
         params_from_dict({"backbone": {"spec": "file:w.pt"}})
+
+
+@pytest.mark.parametrize("family", ["mobilenet_v2", "convnext"])
+def test_other_hf_vision_families(tmp_path, family):
+    from transformers import AutoConfig, AutoModel
+
+    kwargs = {"mobilenet_v2": dict(num_channels=3, image_size=32, depth_multiplier=0.35),
+              "convnext": dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)}[family]
+    AutoModel.from_config(AutoConfig.for_model(family, **kwargs)).save_pretrained(tmp_path / family)
+    model, _ = load_backbone(BackboneParams(spec=f"hf:{tmp_path / family}", input_size=(32, 32)), SHAPE, 64, 4)
+    assert model(torch.randn(2, 64)).shape == (2, 4)
+    assert len(model.blocks) >= 3  # a stem and at least two stages/layers to unfreeze

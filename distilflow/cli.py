@@ -97,6 +97,11 @@ def _run(args) -> int:
     for budget, row in (summary.get("transfer_gain") or {}).items():
         print(f"transfer gain at {budget} labels/class: {row['gain']:+.4f} "
               f"(pretrained {row['pretrained']:.4f} vs scratch {row['scratch']:.4f})")
+    for budget, row in (summary.get("kd_gain") or {}).items():
+        print(f"KD gain, {'all labels' if budget == 'all' else f'{budget} labels/class'}: {row['gain']:+.4f} "
+              f"(student with KD {row['kd']:.4f} vs without {row['no_kd']:.4f})")
+    if summary.get("compression"):
+        print(f"compression report: {root / 'reports/compression.md'}")
     return 0
 
 

@@ -41,6 +41,30 @@ class Layout:
         return self.root / "artifacts/teacher"
 
     @property
+    def student(self) -> Path:
+        return self.root / "artifacts/student"
+
+    @property
+    def student_nokd(self) -> Path:
+        return self.root / "artifacts/student_nokd"
+
+    @property
+    def student_pruned(self) -> Path:
+        return self.root / "artifacts/student_pruned"
+
+    @property
+    def student_int8(self) -> Path:
+        return self.root / "artifacts/student.int8.onnx"
+
+    @property
+    def teacher_int8(self) -> Path:
+        return self.root / "artifacts/teacher.int8.onnx"
+
+    @property
+    def compression_report(self) -> Path:
+        return self.reports / "compression.md"
+
+    @property
     def pretrained(self) -> Path:
         return self.root / "artifacts/pretrained"
 

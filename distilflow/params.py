@@ -157,6 +157,90 @@ class PretrainParams(Section):
     registered_model: str = "distilflow-pretrained-mnist"
 
 
+class DistillParams(Section):
+    """Knowledge distillation of the fine-tuned teacher into a compact student.
+
+    Loss (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
+        alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T))
+      + (1 − alpha) · CE(student, labels)
+      + hint_weight · MSE(proj(student features), teacher features)
+    so `alpha` is the weight of the *soft* (teacher) term: 0 = labels only
+    (the no-KD baseline), 1 = teacher only. The T² factor keeps the soft
+    term's gradients the same size as T changes (Hinton 2015, §2). The hint
+    term is FitNets' (Romero et al. 2015) on the penultimate features; 0 = off.
+
+    student: `compact` = a from-scratch built-in model of `student_width` ×
+    `student_depth`; `teacher_blocks` = the first `student_depth` blocks of a
+    built-in teacher, weights copied, new head.
+    label_budget: labelled rows per class for the label term (None = all);
+    the soft term still uses every train row, which is where KD earns its keep.
+    """
+
+    enabled: bool = True
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    hint_weight: float = Field(default=0.0, ge=0)
+    student: Literal["compact", "teacher_blocks"] = "compact"
+    student_width: int = Field(default=8, ge=1)
+    student_depth: int = Field(default=3, ge=1)
+    epochs: int = Field(default=15, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    label_budget: int | None = Field(default=None, ge=1)
+    gain_label_budgets: list[int] = [5]
+
+
+class PruneParams(Section):
+    """Pruning of the student.
+
+    method: `l1_unstructured` = global magnitude pruning of conv/linear
+    weights (zeros inside dense tensors: fewer non-zeros, same file size);
+    `channel` = drop the lowest-L1 output channels of each conv block (Li et
+    al. 2017, "Pruning Filters for Efficient ConvNets"), which really shrinks
+    the tensors; built-in CNN family only.
+    sparsity: fraction of weights (unstructured) or of channels (channel) removed.
+    """
+
+    enabled: bool = False
+    method: Literal["l1_unstructured", "channel"] = "l1_unstructured"
+    sparsity: float = Field(default=0.5, ge=0, lt=1)
+    finetune_epochs: int = Field(default=2, ge=0)
+
+
+class QuantizeParams(Section):
+    """Post-training int8 quantization with an accuracy budget.
+
+    backend: `onnx_qdq` = ONNX Runtime static QDQ, uint8 activations and int8
+    weights (the fastest int8 path measured on this project's CPUs);
+    `torch_fx` = torch.ao.quantization FX graph mode (x86 backend, deprecated
+    upstream, kept as the torch-native alternative).
+    max_accuracy_drop: allowed fp32 − int8 validation accuracy, as a fraction
+    (0.01 = one point). Over budget, the remedies run in order: other
+    calibration, exclude up to `exclude_sensitive_max` most sensitive layers,
+    then QAT (only if `qat`).
+    """
+
+    enabled: bool = True
+    backend: Literal["onnx_qdq", "torch_fx"] = "onnx_qdq"
+    calibration_size: int = Field(default=256, ge=1)
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    per_channel: bool = True
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    exclude_sensitive_max: int = Field(default=3, ge=0)
+    qat: bool = False
+    qat_epochs: int = Field(default=2, ge=1)
+    qat_lr: float = Field(default=1e-4, gt=0)
+
+
+class EvaluateParams(Section):
+    """The one evaluation harness's timing protocol (tasks/evaluate.py)."""
+
+    threads: int = Field(default=2, ge=1)
+    repeats: int = Field(default=30, ge=3)
+
+
 class TrackingParams(Section):
     experiment: str | None = None
 
@@ -171,6 +255,10 @@ class Params(Section):
     train: TrainParams = TrainParams()
     transfer: TransferParams = TransferParams()
     pretrain: PretrainParams = PretrainParams()
+    distill: DistillParams = DistillParams()
+    prune: PruneParams = PruneParams()
+    quantize: QuantizeParams = QuantizeParams()
+    evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")

@@ -14,7 +14,11 @@ from distilflow.tracking import Tracker, git_commit
 from flows.common import run_stage
 from flows.pretrain import pretrain
 from tasks.data import clean_task, ingest_task, normalize_task, split_task
+from tasks.distill import distill_task
+from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task, transfer_gain_task
+from tasks.prune import prune_task
+from tasks.quantize import quantize_task
 
 
 def ensure_backbone(params: Params, tracker: Tracker, root: str) -> str | None:
@@ -33,6 +37,36 @@ def ensure_backbone(params: Params, tracker: Tracker, root: str) -> str | None:
     if version is None:
         raise DistilflowError(f"backbone.spec {spec}: no such registered model version in {tracker.uri}")
     return version
+
+
+def compress(params: Params, layout: Layout, stage, parent) -> dict:
+    """distill → (prune) → (quantize) → evaluate, wired; returns what the summary reports."""
+    student = stage("distill", distill_task, teacher=layout.teacher, train_split=layout.split("train"),
+                    val_split=layout.split("val"), params=params.distill, seed=params.seed, layout=layout)
+    parent.log_metrics({f"student.{k}": v for k, v in student.metrics.items()})
+    variants = {"teacher fp32": layout.teacher, "student fp32 (KD)": layout.student,
+                "student fp32 (no KD)": layout.student_nokd}
+    notes, source = [], layout.student
+    if params.prune.enabled:
+        pruned = stage("prune", prune_task, student=layout.student, teacher=layout.teacher, params=params.prune,
+                       distill_params=params.distill, seed=params.seed, layout=layout)
+        variants["student pruned fp32"] = source = layout.student_pruned
+        notes.append(f"pruning ({params.prune.method}, {params.prune.sparsity:.0%}): {pruned.info.get('note', '')}")
+    if params.quantize.enabled:
+        quant = stage("quantize", quantize_task, source=source, teacher=layout.teacher, params=params.quantize,
+                      seed=params.seed, threads=params.evaluate.threads, layout=layout)
+        variants["student int8"] = layout.student_int8
+        notes.append(f"student int8: remedy `{quant.info['remedy']}`: {quant.info['reason']}")
+        if quant.info["teacher_error"]:
+            notes.append(f"teacher int8 not shown: {quant.info['teacher_error']}")
+        else:
+            variants["teacher int8"] = layout.teacher_int8
+    evaluated = stage("evaluate", evaluate_task, variants=variants, test_split=layout.split("test"),
+                      threads=params.evaluate.threads, repeats=params.evaluate.repeats, notes=notes, layout=layout)
+    parent.log_metrics(evaluated.metrics)
+    for path in evaluated.artifacts:
+        parent.log_artifact(path)
+    return {"kd_gain": student.info["kd_gain"], "compression": evaluated.info["table"]}
 
 
 @flow(name="distilflow-pipeline", log_prints=True)
@@ -82,5 +116,7 @@ def pipeline(params: Params, root: str, tracking_uri: str, stop_after: str | Non
                              transfer=params.transfer, **common)
                 parent.log_metrics(gain.metrics)
                 summary["transfer_gain"] = gain.info["gains"]
+            if params.distill.enabled:
+                summary |= compress(params, layout, stage, parent)
 
     return summary

@@ -85,7 +85,7 @@ def build_classifier(arch: dict, image_shape=None) -> Classifier:
     if kind == "builtin:cnn" and arch.get("image_shape") is None:
         return builtin_classifier(None, arch["n_features"], arch["num_classes"], arch["width"], arch["depth"])
     if kind == "builtin:cnn":
-        body = SmallCNN(arch["in_channels"], tuple(arch["input_size"]), arch["width"], arch["depth"])
+        body = SmallCNN(arch["in_channels"], tuple(arch["input_size"]), arch["width"], arch["depth"], arch.get("widths"))
         adapter = InputAdapter(shape, arch["in_channels"], tuple(arch["input_size"]))
         return Classifier(adapter, body, body.feature_dim, arch["num_classes"], blocks=list(body.blocks), dropout=arch.get("dropout", 0.0))
     if kind == "hf":

@@ -311,7 +311,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
             **{f"recall.{c}": float(r) for c, r in zip(classes, recalls)}}
 
 
-def _splits(layout) -> tuple[dict, dict]:
+def load_splits(layout) -> tuple[dict, dict]:
     from distilflow.io import read_json
     from tasks.data import SPLITS, load_xy
 
@@ -325,7 +325,7 @@ def finetune_stage(layout, backbone, train, seed: int, image_shape, tracking_uri
     from tasks.backbones import load_backbone, save_classifier
     from tasks.plots import confusion_matrix_plot, learning_curve
 
-    pre, data = _splits(layout)
+    pre, data = load_splits(layout)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
     if train.label_budget:
         keep = label_budget_subset(ytr, train.label_budget, seed)
@@ -361,7 +361,7 @@ def transfer_gain_stage(layout, backbone, train, transfer, seed: int, image_shap
     """
     from tasks.backbones import build_classifier, load_backbone
 
-    pre, data = _splits(layout)
+    pre, data = load_splits(layout)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
     cfg = train.model_copy(update={"epochs": transfer.epochs, "label_budget": None, "patience": transfer.epochs})
     out = {}

@@ -93,10 +93,13 @@ class SmallCNN(nn.Module):
     the same family fits 8×8 digits and 28×28 MNIST.
     """
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 16, depth: int = 3):
+    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 16, depth: int = 3,
+                 widths: list[int] | None = None):
         super().__init__()
+        # explicit `widths` describe a channel-pruned member of the family
+        widths = list(widths) if widths else [width * 2 ** min(i, 3) for i in range(depth)]
+        depth = len(widths)
         n_pool = max(0, min(depth, int(math.log2(min(image_size))) - 1))
-        widths = [width * 2 ** min(i, 3) for i in range(depth)]
         self.blocks = nn.ModuleList(
             ConvBlock(c_in, c_out, pool=i < n_pool) for i, (c_in, c_out) in enumerate(zip([in_channels] + widths, widths))
         )

@@ -119,6 +119,9 @@ TINY = dict(
     pretrain={"backbone": {"spec": "builtin:cnn", "width": 16, "depth": 3}, "train": {"epochs": 2, "warmup_epochs": 0}},
     train={"epochs": 4, "warmup_epochs": 0},
     transfer={"label_budgets": [5], "epochs": 2},
+    distill={"epochs": 3, "gain_label_budgets": [5]},
+    quantize={"calibration_size": 64},
+    evaluate={"repeats": 5},
 )
 
 
@@ -147,5 +150,22 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     assert gain["transfer.gain.5_per_class"] == pytest.approx(
         gain["transfer.pretrained.5_per_class"] - gain["transfer.scratch.5_per_class"])
 
+    # compression: distill → quantize → evaluate, every variant in one table
+    assert [summary["stages"][s] for s in ("distill", "quantize", "evaluate")] == ["ran"] * 3
+    layout = Layout(project)
+    assert layout.student_int8.is_file() and (layout.student / "model.safetensors").is_file()
+    report = layout.compression_report.read_text()
+    for variant in ("teacher fp32", "student fp32 (KD)", "student fp32 (no KD)", "student int8"):
+        assert f"| {variant} |" in report
+    rows = {r["variant"]: r for r in summary["compression"]}
+    assert rows["student int8"]["file_bytes"] < rows["teacher fp32"]["file_bytes"] / 2
+    kd = summary["kd_gain"]
+    assert set(kd) == {"all", 5} and kd["all"]["gain"] == pytest.approx(kd["all"]["kd"] - kd["all"]["no_kd"])
+    assert gain["student.kd.gain.all"] == pytest.approx(kd["all"]["gain"])
+    q = next(r for r in children if r.data.tags["distilflow.stage"] == "quantize")
+    assert q.data.tags["quantize.remedy"] in {"none", "calibration", "exclude_sensitive", "qat"}
+    assert q.data.metrics["student.int8_accuracy"] >= q.data.metrics["student.fp32_accuracy"] - params.quantize.max_accuracy_drop
+    assert {"compression.md", "pareto.png", "compression.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
     again = pipeline(params=params, root=str(project), tracking_uri=uri)
-    assert again["stages"]["finetune"] == "cached" and again["stages"]["transfer_gain"] == "cached"
+    assert all(again["stages"][s] == "cached" for s in ("finetune", "transfer_gain", "distill", "quantize", "evaluate"))

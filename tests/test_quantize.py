@@ -1,0 +1,177 @@
+"""int8 quantization on scikit-learn's digits with a small CNN trained in about a second."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distilflow.errors import DistilflowError
+from distilflow.params import DistillParams, QuantizeParams, params_from_dict
+from tasks.distill import train_without_kd
+from tasks.models import builtin_classifier
+from tasks.quantize import OnnxPredictor, export_onnx, fold_batchnorm, qat_finetune, quantize_int8
+
+torch.set_num_threads(1)
+
+AGREEMENT_FLOOR = 0.97  # int8 vs fp32 top-1 agreement on the digits test split
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Stratified train/val/test of load_digits, standardised with train statistics only."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    X_tr, X_rest, y_tr, y_rest = train_test_split(d.data.astype(np.float32), d.target, test_size=0.4,
+                                                  random_state=0, stratify=d.target)
+    X_va, X_te, y_va, y_te = train_test_split(X_rest, y_rest, test_size=0.5, random_state=0, stratify=y_rest)
+    mu, sd = X_tr.mean(0), X_tr.std(0)
+    sd[sd == 0] = 1
+    scale = lambda X: ((X - mu) / sd).astype(np.float32)  # noqa: E731
+    return scale(X_tr), y_tr, scale(X_va), y_va, scale(X_te), y_te
+
+
+@pytest.fixture(scope="module")
+def cnn(digits):
+    X_tr, y_tr, X_va, y_va, _, _ = digits
+    torch.manual_seed(0)
+    model = builtin_classifier((8, 8, 1), 64, 10, width=16, depth=2)
+    train_without_kd(model, X_tr, y_tr, X_va, y_va, DistillParams(epochs=6, lr=1e-2), seed=0)
+    return model.eval()
+
+
+def _fp32_predictions(model, X):
+    with torch.no_grad():
+        return model(torch.as_tensor(X)).argmax(1).numpy()
+
+
+def _dead_feature(model: nn.Module, k: int = 0) -> nn.Module:
+    """A copy whose feature k is always 0: the last block's channel k gets BN scale 0 and bias −1 (ReLU → 0)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        bn = model.backbone.blocks[-1][1]
+        bn.weight[k], bn.bias[k] = 0.0, -1.0
+    return model
+
+
+def test_exported_onnx_matches_torch_at_any_batch_size(cnn, digits, tmp_path):
+    X_te = digits[4]
+    path = export_onnx(cnn, X_te[:2], tmp_path / "m.onnx")
+    assert path.is_file() and not (tmp_path / "m.onnx.data").exists()  # one self-contained file
+    predictor = OnnxPredictor(path)
+    for n in (1, 5, 300):
+        with torch.no_grad():
+            expected = cnn(torch.as_tensor(X_te[:n])).numpy()
+        np.testing.assert_allclose(predictor(X_te[:n]), expected, atol=1e-4)
+
+
+def test_int8_agrees_with_fp32_on_the_digits_test_split(cnn, digits, tmp_path):
+    X_tr, y_tr, X_va, y_va, X_te, y_te = digits
+    out = tmp_path / "out" / "student_int8.onnx"
+    path, record = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(), tmp_path / "work", out_path=out)
+    assert path == out and out.is_file()
+    int8 = OnnxPredictor(out).predict_logits(X_te).argmax(1)
+    agreement = (int8 == _fp32_predictions(cnn, X_te)).mean()
+    assert agreement >= AGREEMENT_FLOOR
+    assert (int8 == y_te).mean() > 0.85
+    assert record["remedy"] == "none" and record["accuracy_drop"] <= 0.01
+    assert record["int8_bytes"] < record["fp32_bytes"]
+    assert record["calibration_rows"] == 256
+    assert os.listdir(tmp_path / "work") == []  # the scratch folder is cleaned up
+
+
+def test_fallback_to_per_channel_when_per_tensor_weights_lose_accuracy(cnn, digits, tmp_path):
+    """An 11th, never-winning class with one huge weight on a dead feature: harmless in fp32 and with
+    per-channel scales, but a per-tensor scale then rounds every other head weight to 0."""
+    X_tr, _, X_va, y_va, _, _ = digits
+    model = _dead_feature(cnn)
+    head = nn.Linear(model.feature_dim, 11)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[:10], head.bias[:10] = model.head.weight, model.head.bias
+        head.weight[10, 0], head.bias[10] = 1000.0, -5.0
+    model.head = head
+    params = QuantizeParams(per_channel=False, calibration_method="minmax", max_accuracy_drop=0.01)
+    path, record = quantize_int8(model, X_tr, X_va, y_va, params, tmp_path, out_path=tmp_path / "q.onnx")
+    first = record["attempts"][0]
+    assert first["remedy"] == "none" and not first["within_budget"] and first["accuracy_drop"] > 0.2
+    assert record["remedy"] == "calibration" and record["per_channel"] is True
+    assert record["accuracy_drop"] <= 0.01 and path.is_file()
+
+
+def test_fallback_excludes_the_sensitive_layer(cnn, digits, tmp_path):
+    """A huge weight on a dead feature in *every* head row: no int8 scale of the head survives it, so
+    calibration cannot help and the sensitivity pass must find the head (Gemm) and keep it in fp32."""
+    X_tr, _, X_va, y_va, _, _ = digits
+    model = _dead_feature(cnn)
+    with torch.no_grad():
+        model.head.weight[:, 0] = 1000.0
+    path, record = quantize_int8(model, X_tr, X_va, y_va, QuantizeParams(), tmp_path, out_path=tmp_path / "q.onnx")
+    remedies = [a["remedy"] for a in record["attempts"]]
+    assert remedies.index("calibration") < remedies.index("sensitivity_probe") < remedies.index("exclude_sensitive")
+    assert record["remedy"] == "exclude_sensitive"
+    assert len(record["excluded_layers"]) == 1
+    import onnx
+
+    kept = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
+    assert kept[record["excluded_layers"][0]] == "Gemm"
+    assert record["accuracy_drop"] <= 0.01
+
+
+def test_over_budget_raises_and_leaves_no_model_at_the_output_path(cnn, digits, tmp_path):
+    X_tr, y_tr, X_va, y_va, _, _ = digits
+    model = _dead_feature(cnn)
+    with torch.no_grad():
+        model.head.weight[:, 0] = 1000.0
+    out = tmp_path / "student_int8.onnx"
+    out.write_bytes(b"stale model from an earlier run")
+    params = QuantizeParams(exclude_sensitive_max=0, qat=True, qat_epochs=1)
+    with pytest.raises(DistilflowError, match=r"max_accuracy_drop=0\.01.*calibration, qat.*No int8 model"):
+        quantize_int8(model, X_tr, X_va, y_va, params, tmp_path / "work", out_path=out, X_train=X_tr, y_train=y_tr)
+    assert not out.exists()
+    assert os.listdir(tmp_path / "work") == []
+
+
+def test_qat_needs_the_train_split(cnn, digits, tmp_path):
+    X_tr, _, X_va, y_va, _, _ = digits
+    with pytest.raises(DistilflowError, match="quantize.qat=true needs"):
+        quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(qat=True), tmp_path)
+
+
+def test_qat_finetune_returns_int8_grid_weights_without_batchnorm(cnn, digits):
+    X_tr, y_tr, _, _, X_te, y_te = digits
+    folded = fold_batchnorm(cnn)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    np.testing.assert_allclose(folded(torch.as_tensor(X_te)).detach(), cnn(torch.as_tensor(X_te)).detach(), atol=1e-4)
+
+    qat = qat_finetune(cnn, X_tr, y_tr, QuantizeParams(qat=True, qat_epochs=1), seed=0)
+    for m in qat.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight.detach().reshape(m.weight.shape[0], -1)
+            steps = w / (w.abs().amax(1, keepdim=True) / 127)
+            assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the per-channel int8 grid
+    assert (_fp32_predictions(qat, X_te) == y_te).mean() > 0.85
+
+
+def test_torch_fx_backend_writes_a_torchscript_int8_model(cnn, digits, tmp_path):
+    X_tr, _, X_va, y_va, X_te, _ = digits
+    params = QuantizeParams(backend="torch_fx", max_accuracy_drop=0.03)
+    path, record = quantize_int8(cnn, X_tr, X_va, y_va, params, tmp_path)
+    assert path.suffix == ".pt" and path.is_file() and record["backend"] == "torch_fx"
+    scripted = torch.jit.load(str(path))
+    with torch.no_grad():
+        int8 = scripted(torch.as_tensor(X_te)).argmax(1).numpy()
+    assert (int8 == _fp32_predictions(cnn, X_te)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("key,value", [("calibration_size", 0), ("max_accuracy_drop", -0.01), ("max_accuracy_drop", 2),
+                                       ("calibration_method", "mse"), ("backend", "tflite"),
+                                       ("exclude_sensitive_max", -1)])
+def test_bad_quantize_params_name_the_key(key, value):
+    with pytest.raises(DistilflowError, match=rf"quantize\.{key}"):
+        params_from_dict({"quantize": {key: value}})

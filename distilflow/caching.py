@@ -1,6 +1,7 @@
 """Prefect cache keys from content, not object identity.
 
-A task's key is the hash of: its module's source (a code change reruns it),
+A task's key is the hash of: the source of its module and of every project
+module that module imports, transitively (a code change reruns it),
 the *content* of every input path it is given, and the params sections it is
 given. Unchanged re-runs hit the cache; a changed file or param reruns exactly
 the tasks that read it, and, through their changed outputs, everything
@@ -9,6 +10,7 @@ downstream. Nothing is pickled to compute a key.
 
 from __future__ import annotations
 
+import ast
 import inspect
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +23,43 @@ from distilflow.hashing import params_hash, path_hash, text_hash
 from distilflow.layout import Layout
 
 
+_PROJECT_PACKAGES = ("distilflow", "tasks", "flows")
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_file(name: str) -> Path | None:
+    for candidate in (_ROOT / f"{name.replace('.', '/')}.py", _ROOT / name.replace(".", "/") / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_imports(source_file: Path) -> set[Path]:
+    """The project's own modules that `source_file` imports, directly or not (by static analysis)."""
+    seen: set[Path] = set()
+    stack = [Path(source_file).resolve()]
+    while stack:
+        path = stack.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in _PROJECT_PACKAGES and (found := _module_file(name)) is not None:
+                    stack.append(found.resolve())
+    return seen
+
+
 @lru_cache(maxsize=None)
 def _source_hash(source_file: str) -> str:
-    return text_hash(Path(source_file).read_text())
+    files = sorted(project_imports(Path(source_file)))
+    return text_hash("".join(f"{f.relative_to(_ROOT)}\n{f.read_text()}" for f in files))
 
 
 def digest(value: Any) -> str:

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one param for this run, e.g. --set split.test=0.2 (repeatable)")
+                       help="override one param for this run, e.g. --set train.epochs=2 (repeatable)")
         return p
 
     run = with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow, tracked in MLflow"))
@@ -113,9 +113,12 @@ def _stage(name: str, params, root: Path) -> int:
     if name == "ingest":
         info = data.ingest_stage(layout.resolve(params.data.source), layout.ingested, params.data)
     elif name == "clean":
-        info = data.clean_stage(layout.ingested, layout.cleaned, layout.cleaning_report, params.clean, params.data,
-                                params.split.n_parts)
-        info = {k: info[k] for k in ("rows_in", "rows_out")}
+        report = data.clean_stage(layout.ingested, layout.cleaned, layout.cleaning_report, params.clean, params.data,
+                                  params.split.n_parts)
+        if report["rare_classes_dropped"]:
+            print(f"warning: dropped classes too small to stratify (class: rows): {report['rare_classes_dropped']}",
+                  file=sys.stderr)
+        info = {k: report[k] for k in ("rows_in", "rows_out")}
     elif name == "split":
         info = data.split_stage(layout.cleaned, layout.split_dir, layout.split_report, params.split, params.seed)["sizes"]
     else:
@@ -125,9 +128,22 @@ def _stage(name: str, params, root: Path) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """A scheduler's SIGTERM unwinds like Ctrl-C, so MLflow runs are closed as KILLED."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_environment()
+    _interrupt_on_sigterm()
     try:
         if args.command == "demo-data":
             from tasks.data import export_digits

@@ -52,13 +52,9 @@ class Layout:
     def student_pruned(self) -> Path:
         return self.root / "artifacts/student_pruned"
 
-    @property
-    def student_int8(self) -> Path:
-        return self.root / "artifacts/student.int8.onnx"
-
-    @property
-    def teacher_int8(self) -> Path:
-        return self.root / "artifacts/teacher.int8.onnx"
+    def int8(self, model: str, backend: str) -> Path:
+        """The int8 file of `model` ('student' or 'teacher'): ONNX, or TorchScript for torch_fx."""
+        return self.root / f"artifacts/{model}.int8{'.pt' if backend == 'torch_fx' else '.onnx'}"
 
     @property
     def compression_report(self) -> Path:

@@ -265,6 +265,9 @@ class Params(Section):
     def _cross_checks(self) -> "Params":
         if self.normalize.method == "per_channel" and self.data.image_shape is None:
             raise ValueError("normalize.method=per_channel needs data.image_shape")
+        if self.split.val == 0 or self.split.test == 0:
+            raise ValueError("split.val and split.test must be > 0: the model stages pick the best epoch on val "
+                             "and report on the frozen test split")
         return self
 
     def experiment_name(self) -> str:

@@ -141,35 +141,42 @@ class Tracker:
 
     def register_classifier(self, run: Run, model_dir: Path, preprocessor: Path, name: str, alias: str,
                             input_example, tags: dict[str, str] | None = None) -> str:
-        """Log a classifier + its preprocessing as a pyfunc in `run`, register it, point `alias` at it."""
-        import mlflow
+        """Log a classifier + its preprocessing as a pyfunc in `run`, register it, point `alias` at it.
+
+        Client calls only: the pyfunc is saved locally and uploaded to the run,
+        so no process-wide MLflow state (tracking URI, active run) is touched.
+        """
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
 
         from tasks.serving import ClassifierModel
 
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run.run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=ClassifierModel(),
-                artifacts={"classifier": str(model_dir), "preprocessor": str(preprocessor)},
-                input_example=input_example, registered_model_name=name,
-            )
-        version = str(info.registered_model_version)
-        self.client.set_registered_model_alias(name, alias, version)
-        for key, value in (tags or {}).items():
-            self.client.set_model_version_tag(name, version, key, str(value))
-        return version
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(path=str(local), python_model=ClassifierModel(), input_example=input_example,
+                                     artifacts={"classifier": str(model_dir), "preprocessor": str(preprocessor)})
+            self.client.log_artifacts(run.run_id, str(local), "model")
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        source = f"{self.client.get_run(run.run_id).info.artifact_uri}/model"
+        mv = self.client.create_model_version(name, source, run_id=run.run_id, tags={k: str(v) for k, v in (tags or {}).items()})
+        self.client.set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version)
 
-    def resolve_model_version(self, models_uri: str) -> str | None:
-        """`models:/name@alias` → 'name/version' (for cache keys), or None if absent."""
+    def model_version(self, models_uri: str):
+        """`models:/name@alias` or `models:/name/version` → the ModelVersion, or None if absent."""
         from mlflow.exceptions import MlflowException
 
         ref = models_uri.removeprefix("models:/")
         name, sep, alias = ref.partition("@")
         try:
-            mv = self.client.get_model_version_by_alias(name, alias) if sep else self.client.get_model_version(*ref.split("/"))
+            return self.client.get_model_version_by_alias(name, alias) if sep else self.client.get_model_version(*ref.split("/"))
         except MlflowException:
             return None
-        return f"{mv.name}/{mv.version}"
 
     def log_stage(self, parent: Run, stage: str, result, cached: bool, lineage: dict[str, str]) -> Run:
         """One child run holding a stage's record (metrics, tags, files, texts)."""

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow
 
 from distilflow.errors import DistilflowError
+from distilflow.hashing import path_hash
 from distilflow.layout import Layout
 from distilflow.params import Params
 from distilflow.records import StageResult
 from distilflow.tracking import Tracker, git_commit
 from flows.common import run_stage
-from flows.pretrain import pretrain
-from tasks.data import clean_task, ingest_task, normalize_task, split_task
+from flows.pretrain import pretrain, pretrain_fingerprint
+from tasks.data import SPLITS, clean_task, ingest_task, normalize_task, split_task
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task, transfer_gain_task
@@ -21,47 +23,58 @@ from tasks.prune import prune_task
 from tasks.quantize import quantize_task
 
 
-def ensure_backbone(params: Params, tracker: Tracker, root: str) -> str | None:
-    """For an `mlflow:` backbone, the registered version it names (for cache keys).
+def model_inputs(layout: Layout) -> list[Path]:
+    """What every model stage reads (tasks/finetune.py:load_splits), hence part of its cache key."""
+    return [layout.split(name) for name in SPLITS] + [layout.preprocessor]
 
-    The demo's own pretrained model is built on first use by the pretrain flow.
+
+def ensure_backbone(params: Params, tracker: Tracker, root: str) -> str | None:
+    """An identity of the backbone's weights for cache keys (registered version, or file content).
+
+    The demo's own pretrained model is (re)built by the pretrain flow when it is
+    missing or was built from other `pretrain` params. A hub id is not pinned:
+    its identity is the spec alone.
     """
     spec = params.backbone.spec
-    if not spec.startswith("mlflow:"):
+    kind, _, ref = spec.partition(":")
+    if kind in ("file", "hf"):
+        return f"{spec}#{path_hash(Path(ref))}" if Path(ref).exists() else spec
+    if kind != "mlflow":
         return None
-    uri = spec.removeprefix("mlflow:")
-    version = tracker.resolve_model_version(uri)
-    if version is None and uri.startswith(f"models:/{params.pretrain.registered_model}@"):
+    mv = tracker.model_version(ref)
+    if ref.startswith(f"models:/{params.pretrain.registered_model}@") and (
+            mv is None or mv.tags.get("pretrain_fingerprint") != pretrain_fingerprint(params)):
         pretrain(params=params, root=root, tracking_uri=tracker.uri)
-        version = tracker.resolve_model_version(uri)
-    if version is None:
+        mv = tracker.model_version(ref)
+    if mv is None:
         raise DistilflowError(f"backbone.spec {spec}: no such registered model version in {tracker.uri}")
-    return version
+    return f"{mv.name}/{mv.version}"
 
 
 def compress(params: Params, layout: Layout, stage, parent) -> dict:
     """distill → (prune) → (quantize) → evaluate, wired; returns what the summary reports."""
-    student = stage("distill", distill_task, teacher=layout.teacher, train_split=layout.split("train"),
-                    val_split=layout.split("val"), params=params.distill, seed=params.seed, layout=layout)
+    data = model_inputs(layout)
+    student = stage("distill", distill_task, teacher=layout.teacher, data=data, params=params.distill,
+                    seed=params.seed, layout=layout)
     parent.log_metrics({f"student.{k}": v for k, v in student.metrics.items()})
     variants = {"teacher fp32": layout.teacher, "student fp32 (KD)": layout.student,
                 "student fp32 (no KD)": layout.student_nokd}
     notes, source = [], layout.student
     if params.prune.enabled:
-        pruned = stage("prune", prune_task, student=layout.student, teacher=layout.teacher, params=params.prune,
-                       distill_params=params.distill, seed=params.seed, layout=layout)
+        pruned = stage("prune", prune_task, student=layout.student, teacher=layout.teacher, data=data,
+                       params=params.prune, distill_params=params.distill, seed=params.seed, layout=layout)
         variants["student pruned fp32"] = source = layout.student_pruned
         notes.append(f"pruning ({params.prune.method}, {params.prune.sparsity:.0%}): {pruned.info.get('note', '')}")
     if params.quantize.enabled:
-        quant = stage("quantize", quantize_task, source=source, teacher=layout.teacher, params=params.quantize,
-                      seed=params.seed, threads=params.evaluate.threads, layout=layout)
-        variants["student int8"] = layout.student_int8
+        quant = stage("quantize", quantize_task, source=source, teacher=layout.teacher, data=data,
+                      params=params.quantize, seed=params.seed, threads=params.evaluate.threads, layout=layout)
+        variants["student int8"] = layout.int8("student", params.quantize.backend)
         notes.append(f"student int8: remedy `{quant.info['remedy']}`: {quant.info['reason']}")
         if quant.info["teacher_error"]:
             notes.append(f"teacher int8 not shown: {quant.info['teacher_error']}")
         else:
-            variants["teacher int8"] = layout.teacher_int8
-    evaluated = stage("evaluate", evaluate_task, variants=variants, test_split=layout.split("test"),
+            variants["teacher int8"] = layout.int8("teacher", params.quantize.backend)
+    evaluated = stage("evaluate", evaluate_task, variants=variants, data=data,
                       threads=params.evaluate.threads, repeats=params.evaluate.repeats, notes=notes, layout=layout)
     parent.log_metrics(evaluated.metrics)
     for path in evaluated.artifacts:
@@ -106,14 +119,12 @@ def pipeline(params: Params, root: str, tracking_uri: str, stop_after: str | Non
             common = dict(backbone=params.backbone, train=params.train, seed=params.seed,
                           image_shape=params.data.image_shape, source_version=source_version,
                           tracking_uri=tracking_uri, layout=layout)
-            teacher = stage("finetune", finetune_task, train_split=layout.split("train"), val_split=layout.split("val"),
-                            preprocessor=layout.preprocessor, **common)
+            teacher = stage("finetune", finetune_task, data=model_inputs(layout), **common)
             parent.log_metrics({f"teacher.{k}": v for k, v in teacher.metrics.items() if k.startswith("test.")})
             summary["teacher"] = teacher.metrics
             if params.transfer.enabled and source_version is not None:
-                gain = stage("transfer_gain", transfer_gain_task, train_split=layout.split("train"),
-                             test_split=layout.split("test"), preprocessor=layout.preprocessor,
-                             transfer=params.transfer, **common)
+                gain = stage("transfer_gain", transfer_gain_task, data=model_inputs(layout), transfer=params.transfer,
+                             **common)
                 parent.log_metrics(gain.metrics)
                 summary["transfer_gain"] = gain.info["gains"]
             if params.distill.enabled:

@@ -6,6 +6,7 @@ import time
 
 from prefect import flow
 
+from distilflow.hashing import params_hash
 from distilflow.layout import Layout
 from distilflow.params import Params
 from distilflow.tracking import Tracker, git_commit
@@ -13,6 +14,11 @@ from flows.common import run_stage
 from tasks.finetune import pretrain_task
 
 ALIAS = "pretrained"
+
+
+def pretrain_fingerprint(params: Params) -> str:
+    """What the registered pretrained model was built from; a change means pretrain again."""
+    return params_hash({"pretrain": params.pretrain.model_dump(mode="json"), "seed": params.seed})
 
 
 @flow(name="distilflow-pretrain", log_prints=True)
@@ -28,6 +34,7 @@ def pretrain(params: Params, root: str, tracking_uri: str) -> dict:
         tracker.log_stage(parent, "pretrain", result, cached, lineage)
         version = tracker.register_classifier(
             parent, layout.pretrained / "classifier", layout.pretrained / "preprocessor.json", name, ALIAS,
-            input_example=result.info["input_example"], tags={**lineage, "dataset": params.pretrain.dataset})
+            input_example=result.info["input_example"],
+            tags={**lineage, "dataset": params.pretrain.dataset, "pretrain_fingerprint": pretrain_fingerprint(params)})
     print(f"registered {name} version {version} as @{ALIAS} (val accuracy {result.metrics['val_accuracy']:.4f})")
     return {"run_id": parent.run_id, "model": name, "version": version, "uri": f"models:/{name}@{ALIAS}"}

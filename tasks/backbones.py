@@ -127,13 +127,14 @@ def save_classifier(model: Classifier, arch: dict, directory: str | Path) -> Pat
     """`model.safetensors` + `arch.json`: everything needed to rebuild and load it."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    from distilflow.io import atomic_dir
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS))
     arch = {**arch, "num_classes": model.head.out_features}
-    (directory / ARCH).write_text(json.dumps(arch, indent=2))
-    return directory
+    with atomic_dir(directory) as tmp:  # both files, or neither
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / ARCH).write_text(json.dumps(arch, indent=2))
+    return Path(directory)
 
 
 def load_classifier(directory: str | Path, num_classes: int | None = None) -> tuple[Classifier, dict]:
@@ -184,7 +185,11 @@ def _load_hf(ref: str, bp: BackboneParams, image_shape, n_features: int, num_cla
     arch = {"kind": "hf", "config": config.to_dict(), "image_shape": list(image_shape), "n_features": n_features,
             "num_classes": num_classes, "in_channels": in_channels, "input_size": list(size) if size else None,
             "dropout": bp.dropout, "source": f"hf:{ref}"}
-    return _wrap_hf(body, arch, image_shape), arch
+    try:
+        return _wrap_hf(body, arch, image_shape), arch
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise DistilflowError(f"backbone.spec hf:{ref}: not a vision model that takes pixel_values "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def _load_file(path: str, bp: BackboneParams, image_shape, n_features: int, num_classes: int) -> tuple[Classifier, dict]:
@@ -194,7 +199,10 @@ def _load_file(path: str, bp: BackboneParams, image_shape, n_features: int, num_
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(p))
+        try:
+            state = load_file(str(p))
+        except Exception as exc:
+            raise DistilflowError(f"backbone.spec file:{path}: not a readable safetensors file ({exc})") from None
     else:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
@@ -203,7 +211,11 @@ def _load_file(path: str, bp: BackboneParams, image_shape, n_features: int, num_
     arch = _fresh_arch(bp, image_shape, n_features, num_classes)
     model = build_classifier(arch)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes (e.g. another width)
+        raise DistilflowError(f"backbone.spec file:{path} does not match backbone.arch {bp.arch}: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing or result.unexpected_keys:
         raise DistilflowError(f"backbone.spec file:{path} does not match backbone.arch {bp.arch}: "

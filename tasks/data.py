@@ -3,13 +3,14 @@
 The functions at the top are pure (tables and params in, tables and records
 out) and know nothing of Prefect; the `*_stage` functions below them are the
 edges that read and write paths, called alike by the Prefect tasks
-(tasks/prefect_tasks.py) and by DVC (`python -m distilflow stage NAME`).
+(at the foot of this module) and by DVC (`python -m distilflow stage NAME`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -428,8 +429,10 @@ def clean_stage(inp: Path, out: Path, report_path: Path, clean_params: CleanPara
 def split_stage(inp: Path, out_dir: Path, report_path: Path, split: SplitParams, seed: int) -> dict:
     parts = stratified_split(read_table(inp), split, seed)
     report = {"sizes": {}, "hashes": {}, "class_counts": {}}
+    with ExitStack() as moves:  # all three files are written before any replaces its old version
+        for name, frame in parts.items():
+            frame.to_parquet(moves.enter_context(atomic_path(Path(out_dir) / f"{name}.parquet")), index=False)
     for name, frame in parts.items():
-        write_table(frame, Path(out_dir) / f"{name}.parquet")
         report["sizes"][name] = len(frame)
         report["hashes"][name] = frame_hash(frame)
         report["class_counts"][name] = {str(k): int(v) for k, v in frame[LABEL].value_counts().sort_index().items()}
@@ -494,6 +497,10 @@ def ingest_task(source: Path, data: DataParams, layout: Layout) -> StageResult:
 @task(name="clean", **CACHED)
 def clean_task(ingested: Path, clean_params: CleanParams, data: DataParams, min_per_class: int, layout: Layout) -> StageResult:
     report = clean_stage(ingested, layout.cleaned, layout.cleaning_report, clean_params, data, min_per_class)
+    if report["rare_classes_dropped"]:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(f"dropped classes too small to stratify (class: rows): {report['rare_classes_dropped']}")
     metrics = {"rows_in": report["rows_in"], "rows_out": report["rows_out"]}
     metrics |= {f"dropped.{k}": v for k, v in report["dropped"].items()}
     metrics |= {f"modified.{k}": v for k, v in report["modified"].items()}

@@ -327,7 +327,7 @@ from distilflow.records import StageResult  # noqa: E402
 
 
 @task(name="distill", cache_key_fn=content_cache_key, persist_result=True)
-def distill_task(teacher: Path, train_split: Path, val_split: Path, params: DistillParams, seed: int, layout) -> StageResult:
+def distill_task(teacher: Path, data: list[Path], params: DistillParams, seed: int, layout) -> StageResult:
     info = distill_stage(layout, params, seed)
     metrics = {f"test.{k}": v for k, v in info["test"].items()} | {"parameters": info["parameters"]}
     metrics |= {f"kd.{k}.{b}": v for b, row in info["kd_gain"].items() for k, v in row.items()}

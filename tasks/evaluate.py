@@ -205,21 +205,21 @@ def compression_markdown(table: pd.DataFrame) -> str:
 
 def evaluate_stage(layout, variants: dict[str, Path], threads: int, repeats: int, notes: list[str]) -> pd.DataFrame:
     """Every variant on the frozen test split, with one harness; writes reports/compression.{md,json} and the Pareto plot."""
-    from distilflow.io import write_json
+    from distilflow.io import write_json, write_text
     from tasks.backbones import load_classifier
     from tasks.finetune import load_splits
 
     pre, data = load_splits(layout)
     X_test, y_test = data["test"]
     n = len(pre["classes"])
-    # saved torch models are loaded as modules; .onnx files run in ONNX Runtime
-    models = {name: (path if Path(path).suffix == ".onnx" else load_classifier(path, n)[0]) for name, path in variants.items()}
+    # saved model folders load as torch modules; int8 files (.onnx, TorchScript .pt) go to load_variant
+    models = {name: (load_classifier(path, n)[0] if Path(path).is_dir() else path) for name, path in variants.items()}
     table = compare_variants(models, X_test, y_test, threads=threads, repeats=repeats)
     md = compression_markdown(table)
     if notes:
         md += "\n## Notes\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     layout.reports.mkdir(parents=True, exist_ok=True)
-    layout.compression_report.write_text(md)
+    write_text(md, layout.compression_report)
     write_json(table.to_dict(orient="records"), layout.reports / "compression.json")
     pareto_plot(table, layout.reports / "pareto.png")
     return table
@@ -236,7 +236,7 @@ def _slug(name: str) -> str:
 
 
 @task(name="evaluate", cache_key_fn=content_cache_key, persist_result=True)
-def evaluate_task(variants: dict[str, Path], test_split: Path, threads: int, repeats: int, notes: list[str],
+def evaluate_task(variants: dict[str, Path], data: list[Path], threads: int, repeats: int, notes: list[str],
                   layout) -> StageResult:
     table = evaluate_stage(layout, variants, threads, repeats, notes)
     metrics = {}

@@ -205,6 +205,8 @@ def fit(model: Classifier, X_train: np.ndarray, y_train: np.ndarray, X_val: np.n
 
     n_blocks = len(model.blocks)
     probe_cache = cfg.strategy == "linear_probe" and augmenter is None
+    if device.type == "cuda":  # page-locked host memory: faster, asynchronous copies to the GPU
+        Xtr, ytr = Xtr.pin_memory(), ytr.pin_memory()
     if probe_cache:  # the frozen backbone sees each image once
         set_trainable(model, 0)
         Xtr_in, Xva_in = _features(model, Xtr).cpu(), _features(model, Xva).cpu()
@@ -319,7 +321,8 @@ def load_splits(layout) -> tuple[dict, dict]:
     return pre, {name: load_xy(layout.split(name), pre) for name in SPLITS}
 
 
-def finetune_stage(layout, backbone, train, seed: int, image_shape, tracking_uri: str | None) -> dict:
+def finetune_stage(layout, backbone, train, seed: int, image_shape, tracking_uri: str | None,
+                   source_version: str | None = None) -> dict:
     """Fine-tune the backbone on the train split; save the best model to artifacts/teacher/."""
     from distilflow.hashing import params_hash, path_hash
     from tasks.backbones import load_backbone, save_classifier
@@ -332,8 +335,9 @@ def finetune_stage(layout, backbone, train, seed: int, image_shape, tracking_uri
         Xtr, ytr = Xtr[keep], ytr[keep]
     torch.manual_seed(seed)  # the new head's (and a from-scratch backbone's) initial weights
     model, arch = load_backbone(backbone, image_shape, Xtr.shape[1], len(pre["classes"]), tracking_uri)
-    key = params_hash([path_hash(layout.split("train")), path_hash(layout.split("val")), backbone.model_dump(mode="json"),
-                       train.model_dump(mode="json"), seed])
+    # everything that shapes the run, so a resume never continues from other inputs' weights
+    key = params_hash([path_hash(layout.split("train")), path_hash(layout.split("val")), path_hash(layout.preprocessor),
+                       backbone.model_dump(mode="json"), train.model_dump(mode="json"), seed, image_shape, source_version])
     checkpoint = layout.checkpoint("finetune", key)
     fitted = fit(model, Xtr, ytr, Xva, yva, train, seed, image_shape, checkpoint, desc="fine-tune")
     save_classifier(model, arch, layout.teacher)
@@ -423,9 +427,10 @@ from distilflow.records import StageResult  # noqa: E402
 
 
 @task(name="finetune", cache_key_fn=content_cache_key, persist_result=True)
-def finetune_task(train_split: Path, val_split: Path, preprocessor: Path, backbone, train, seed: int, image_shape,
-                  source_version: str | None, tracking_uri: str | None, layout) -> StageResult:
-    info = finetune_stage(layout, backbone, train, seed, image_shape, tracking_uri)
+def finetune_task(data: list[Path], backbone, train, seed: int, image_shape, source_version: str | None,
+                  tracking_uri: str | None, layout) -> StageResult:
+    """`data`: every split and the preprocessor (read by the stage, so part of the cache key)."""
+    info = finetune_stage(layout, backbone, train, seed, image_shape, tracking_uri, source_version)
     metrics = {f"test.{k}": v for k, v in info["test"].items()} | {f"val.{k}": v for k, v in info["val"].items()}
     metrics |= {"parameters": info["parameters"], "best_epoch": info["best_epoch"], "train_rows": info["train_rows"]}
     return StageResult.of(
@@ -440,8 +445,8 @@ def finetune_task(train_split: Path, val_split: Path, preprocessor: Path, backbo
 
 
 @task(name="transfer-gain", cache_key_fn=content_cache_key, persist_result=True)
-def transfer_gain_task(train_split: Path, test_split: Path, preprocessor: Path, backbone, train, transfer, seed: int,
-                       image_shape, source_version: str | None, tracking_uri: str | None, layout) -> StageResult:
+def transfer_gain_task(data: list[Path], backbone, train, transfer, seed: int, image_shape,
+                       source_version: str | None, tracking_uri: str | None, layout) -> StageResult:
     gains = transfer_gain_stage(layout, backbone, train, transfer, seed, image_shape, tracking_uri)
     metrics = {f"transfer.{k}.{b}_per_class": v for b, row in gains.items() for k, v in row.items() if k != "labels_per_class"}
     table = ["| labels/class | pretrained | scratch | transfer gain |", "|---:|---:|---:|---:|"]

@@ -204,7 +204,8 @@ from distilflow.records import StageResult  # noqa: E402
 
 
 @task(name="prune", cache_key_fn=content_cache_key, persist_result=True)
-def prune_task(student: Path, teacher: Path, params: PruneParams, distill_params, seed: int, layout) -> StageResult:
+def prune_task(student: Path, teacher: Path, data: list[Path], params: PruneParams, distill_params, seed: int,
+               layout) -> StageResult:
     report = prune_stage(layout, params, distill_params, seed)
     numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return StageResult.of([layout.student_pruned], metrics=numbers, params=params.model_dump(mode="json"),

@@ -504,7 +504,7 @@ def quantize_stage(layout, params: QuantizeParams, source: Path, seed: int, thre
     """int8 of the student (the product) within budget; int8 of the teacher for reference.
 
     The student's record decides the stage: over budget, `quantize_int8` raises
-    and nothing is left at artifacts/student.int8.onnx. The teacher's int8 is
+    and nothing is left at the student int8 path. The teacher's int8 is
     only a row in the comparison table, so its failure is recorded, not raised.
     """
     from tasks.backbones import load_classifier
@@ -517,13 +517,13 @@ def quantize_stage(layout, params: QuantizeParams, source: Path, seed: int, thre
     common = dict(X_train=Xtr, y_train=ytr, seed=seed, threads=threads)
     with tempfile.TemporaryDirectory() as work:
         _, record = quantize_int8(student, Xtr, Xva, yva, params, Path(work) / "student",
-                                  out_path=layout.student_int8, **common)
+                                  out_path=layout.int8("student", params.backend), **common)
         teacher, _ = load_classifier(layout.teacher, n)
         try:
             _, teacher_record = quantize_int8(teacher, Xtr, Xva, yva, params, Path(work) / "teacher",
-                                              out_path=layout.teacher_int8, **common)
+                                              out_path=layout.int8("teacher", params.backend), **common)
         except DistilflowError as exc:
-            layout.teacher_int8.unlink(missing_ok=True)
+            layout.int8("teacher", params.backend).unlink(missing_ok=True)
             teacher_record = {"error": str(exc)}
     return {"student": record, "teacher": teacher_record, "source": str(source)}
 
@@ -541,17 +541,19 @@ def _headline(record: dict) -> dict:
 
 
 @task(name="quantize", cache_key_fn=content_cache_key, persist_result=True)
-def quantize_task(source: Path, teacher: Path, params: QuantizeParams, seed: int, threads: int, layout) -> StageResult:
+def quantize_task(source: Path, teacher: Path, data: list[Path], params: QuantizeParams, seed: int, threads: int,
+                  layout) -> StageResult:
     info = quantize_stage(layout, params, source, seed, threads)
     student = info["student"]
-    outputs = [layout.student_int8] + ([layout.teacher_int8] if layout.teacher_int8.exists() else [])
+    student_int8, teacher_int8 = layout.int8("student", params.backend), layout.int8("teacher", params.backend)
+    outputs = [student_int8] + ([teacher_int8] if teacher_int8.exists() else [])
     return StageResult.of(
         outputs,
         metrics={f"student.{k}": v for k, v in _headline(student).items()}
         | {f"teacher.{k}": v for k, v in _headline(info["teacher"]).items()},
         params=params.model_dump(mode="json"),
         tags={"quantize.remedy": str(student.get("remedy")), "quantize.reason": str(student.get("reason", ""))[:500]},
-        artifacts=[str(layout.student_int8)],
+        artifacts=[str(student_int8)],
         texts={"quantize_record.json": json.dumps(info, indent=2, default=str)},
         info={"remedy": student.get("remedy"), "reason": student.get("reason"),
               "teacher_error": info["teacher"].get("error")},

@@ -27,6 +27,12 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    """Every test names its own MLflow store; nothing leaks in from the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API server (temporary SQLite database) for the whole session."""

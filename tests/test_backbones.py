@@ -105,6 +105,17 @@ def test_weights_that_do_not_fit_the_named_architecture(tmp_path):
         load_backbone(BackboneParams(spec=f"file:{tmp_path / 'w.safetensors'}", arch="builtin:cnn", width=16, depth=3), SHAPE, 64, 10)
 
 
+def test_weights_of_another_width_are_a_clear_error(tmp_path):
+    wide, _ = load_backbone(BackboneParams(spec="builtin:cnn", width=16, depth=2), SHAPE, 64, 10)
+    save_file(wide.state_dict(), str(tmp_path / "w.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    spec = lambda name, width: BackboneParams(spec=f"file:{tmp_path / name}", arch="builtin:cnn", width=width, depth=2)  # noqa: E731
+    with pytest.raises(DistilflowError, match="does not match backbone.arch builtin:cnn: .*size mismatch"):
+        load_backbone(spec("w.safetensors", 8), SHAPE, 64, 10)
+    with pytest.raises(DistilflowError, match="not a readable safetensors file"):
+        load_backbone(spec("bad.safetensors", 16), SHAPE, 64, 10)
+
+
 def test_pickled_whole_model_is_refused(tmp_path):
     model, _ = load_backbone(BackboneParams(spec="builtin:cnn", width=4, depth=1), SHAPE, 64, 10)
     torch.save(model, tmp_path / "model.pt")  # a full pickle, not a state_dict

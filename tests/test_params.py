@@ -49,6 +49,11 @@ def test_negative_values_are_rejected(section, key, value):
         params_from_dict(raw)
 
 
+def test_model_stages_need_validation_and_test_parts():
+    with pytest.raises(DistilflowError, match="split.val and split.test must be > 0"):
+        params_from_dict({"split": {"train": 0.8, "val": 0.0, "test": 0.2}})
+
+
 def test_per_channel_needs_an_image_shape():
     with pytest.raises(DistilflowError, match="per_channel needs data.image_shape"):
         params_from_dict({"normalize": {"method": "per_channel"}, "data": {"image_shape": None}})

@@ -153,7 +153,7 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     # compression: distill → quantize → evaluate, every variant in one table
     assert [summary["stages"][s] for s in ("distill", "quantize", "evaluate")] == ["ran"] * 3
     layout = Layout(project)
-    assert layout.student_int8.is_file() and (layout.student / "model.safetensors").is_file()
+    assert layout.int8("student", "onnx_qdq").is_file() and (layout.student / "model.safetensors").is_file()
     report = layout.compression_report.read_text()
     for variant in ("teacher fp32", "student fp32 (KD)", "student fp32 (no KD)", "student int8"):
         assert f"| {variant} |" in report
@@ -169,3 +169,13 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
 
     again = pipeline(params=params, root=str(project), tracking_uri=uri)
     assert all(again["stages"][s] == "cached" for s in ("finetune", "transfer_gain", "distill", "quantize", "evaluate"))
+
+    # the second int8 backend through the same stages: TorchScript .pt, evaluated by the same harness
+    from tasks.evaluate import evaluate_stage
+    from tasks.quantize import quantize_stage
+
+    fx = params.quantize.model_copy(update={"backend": "torch_fx"})
+    quantize_stage(layout, fx, layout.student, params.seed, threads=1)
+    assert layout.int8("student", "torch_fx").suffix == ".pt" and layout.int8("student", "torch_fx").is_file()
+    table = evaluate_stage(layout, {"student int8 (fx)": layout.int8("student", "torch_fx")}, 1, 3, [])
+    assert table.iloc[0]["accuracy"] > 0.5

@@ -104,6 +104,19 @@ def test_fallback_to_per_channel_when_per_tensor_weights_lose_accuracy(cnn, digi
     assert record["accuracy_drop"] <= 0.01 and path.is_file()
 
 
+def test_a_tiny_budget_triggers_the_fallback_on_a_normal_model(cnn, digits, tmp_path):
+    X_tr, y_tr, X_va, y_va, _, _ = digits
+    per_tensor = dict(per_channel=False, calibration_method="minmax", calibration_size=64)
+    loose_path, loose = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
+                                      tmp_path / "loose", X_train=X_tr, y_train=y_tr)
+    assert loose["remedy"] == "none" and len(loose["attempts"]) == 1
+    tight_path, tight = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(max_accuracy_drop=0.0, **per_tensor),
+                                      tmp_path / "tight", X_train=X_tr, y_train=y_tr)
+    assert tight["attempts"][0]["accuracy_drop"] > 0.0  # the first try misses a zero budget...
+    assert tight["remedy"] != "none" and len(tight["attempts"]) >= 2  # ...so a remedy was tried
+    assert tight["accuracy_drop"] <= 0.0 and tight_path.is_file()
+
+
 def test_fallback_excludes_the_sensitive_layer(cnn, digits, tmp_path):
     """A huge weight on a dead feature in *every* head row: no int8 scale of the head survives it, so
     calibration cannot help and the sensitivity pass must find the head (Gemm) and keep it in fp32."""

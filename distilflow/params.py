@@ -161,11 +161,12 @@ class DistillParams(Section):
     """Knowledge distillation of the fine-tuned teacher into a compact student.
 
     Loss (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
-        alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T))
-      + (1 − alpha) · CE(student, labels)
+        T² · KL(softmax(teacher/T) ‖ softmax(student/T))
+      + alpha · CE(student, labels)
       + hint_weight · MSE(proj(student features), teacher features)
-    so `alpha` is the weight of the *soft* (teacher) term: 0 = labels only
-    (the no-KD baseline), 1 = teacher only. The T² factor keeps the soft
+    so `alpha` weights the *label* term against the soft term: 0 = teacher
+    only; the no-KD baseline is trained separately on the labels alone. Hinton
+    found a small label weight works best. The T² factor keeps the soft
     term's gradients the same size as T changes (Hinton 2015, §2). The hint
     term is FitNets' (Romero et al. 2015) on the penultimate features; 0 = off.
 

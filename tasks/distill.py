@@ -61,15 +61,17 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             temperature: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(student, labels).
+    """T² · KL(teacher_T ‖ student_T) + alpha · CE(student, labels)  (Hinton et al. 2015).
 
-    `alpha` weights the soft (teacher) term: alpha=0 is plain cross-entropy,
-    alpha=1 ignores the labels. Hinton 2015 found a small weight on the label
-    term works best; 0.5 is the neutral default.
+    `alpha` weights the label (hard) term against the soft term: alpha=0
+    learns from the teacher alone. Hinton 2015 found a small weight on the
+    label term works best. The T² factor keeps the soft term's gradients the
+    same size as T changes (§2). The labels-only baseline is not a value of
+    alpha but `train_without_kd`.
     """
-    soft = soft_target_loss(student_logits, teacher_logits, temperature) if alpha > 0 else student_logits.new_zeros(())
-    hard = label_loss(student_logits, labels, label_smoothing) if alpha < 1 else student_logits.new_zeros(())
-    return alpha * soft + (1 - alpha) * hard
+    soft = soft_target_loss(student_logits, teacher_logits, temperature)
+    hard = label_loss(student_logits, labels, label_smoothing) if alpha > 0 else student_logits.new_zeros(())
+    return soft + alpha * hard
 
 
 class HintLoss(nn.Module):
@@ -182,18 +184,17 @@ def distill(teacher: Classifier | None, student: Classifier, X_train: np.ndarray
 
     AdamW with cosine decay to 0 over `params.epochs`; no early stopping, the
     best-validation weights are restored at the end. Deterministic for a
-    seed on CPU. `teacher=None` requires alpha=0 and hint_weight=0 (the
-    no-KD baseline, see `train_without_kd`).
+    seed on CPU. `teacher=None` trains on the labels alone (the no-KD
+    baseline, see `train_without_kd`) and then needs hint_weight=0.
     """
-    uses_teacher = params.alpha > 0 or params.hint_weight > 0
-    if uses_teacher and teacher is None:
-        raise DistilflowError("distill: alpha > 0 or hint_weight > 0 needs a teacher model")
+    if teacher is None and params.hint_weight > 0:
+        raise DistilflowError("distill: hint_weight > 0 needs a teacher model")
     torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
     Xtr = torch.as_tensor(X_train, dtype=torch.float32)
     ytr = _labels_within_budget(y_train, params.label_budget, seed)
     Xva, yva = torch.as_tensor(X_val, dtype=torch.float32), torch.as_tensor(np.asarray(y_val), dtype=torch.long)
-    t_logits = cache_teacher_logits(teacher, Xtr) if params.alpha > 0 else None
+    t_logits = cache_teacher_logits(teacher, Xtr) if teacher is not None else None
     hint = None
     if params.hint_weight > 0:
         t_feats = cache_teacher_features(teacher, Xtr)
@@ -255,13 +256,13 @@ def distill(teacher: Classifier | None, student: Classifier, X_train: np.ndarray
 
 def train_without_kd(student: Classifier, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
                      y_val: np.ndarray, params: DistillParams, seed: int) -> DistillResult:
-    """The no-KD baseline: the same loop, epochs, label budget and seed, with alpha=0 and no hint.
+    """The no-KD baseline: the same loop, epochs, label budget and seed, on the labels alone.
 
     Rows outside the label budget stay in the batches (contributing no loss),
     so both runs take the same number of optimiser steps and differ only in
     the teacher's soft targets.
     """
-    labels_only = params.model_copy(update={"alpha": 0.0, "hint_weight": 0.0})
+    labels_only = params.model_copy(update={"hint_weight": 0.0})
     return distill(None, student, X_train, y_train, X_val, y_val, labels_only, seed)
 
 

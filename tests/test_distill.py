@@ -30,20 +30,23 @@ def test_kd_loss_matches_the_formula_computed_by_hand():
         p_s = _softmax([v / T for v in s])
         kl += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
         ce += -math.log(_softmax(s)[y])
-    expected = alpha * T**2 * kl / 2 + (1 - alpha) * ce / 2  # batchmean over 2 rows
+    expected = T**2 * kl / 2 + alpha * ce / 2  # batchmean over 2 rows
 
     got = kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), temperature=T, alpha=alpha)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_alpha_zero_is_plain_cross_entropy_and_alpha_one_ignores_labels():
+def test_alpha_weights_the_label_term_and_zero_ignores_labels():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     y, other_y = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([3, 3, 3, 3, 3, 3])
-    assert kd_loss(s, t, y, 3.0, alpha=0.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
-    assert kd_loss(s, t, y, 3.0, alpha=1.0).item() == pytest.approx(kd_loss(s, t, other_y, 3.0, alpha=1.0).item())
-    # alpha=1 is the soft term alone; a student equal to its teacher has nothing left to learn
-    assert kd_loss(t, t, y, 3.0, alpha=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    ce = F.cross_entropy(s, y).item()
+    # the label term enters linearly with weight alpha
+    assert kd_loss(s, t, y, 3.0, alpha=1.0).item() - kd_loss(s, t, y, 3.0, alpha=0.0).item() == pytest.approx(ce, rel=1e-5)
+    assert kd_loss(s, t, y, 3.0, alpha=0.5).item() == pytest.approx(kd_loss(s, t, y, 3.0, alpha=0.0).item() + 0.5 * ce, rel=1e-5)
+    # alpha=0 is the soft term alone: labels do not matter, and a student equal to its teacher has nothing to learn
+    assert kd_loss(s, t, y, 3.0, alpha=0.0).item() == pytest.approx(kd_loss(s, t, other_y, 3.0, alpha=0.0).item())
+    assert kd_loss(t, t, y, 3.0, alpha=0.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_higher_temperature_softens_targets_and_t_squared_keeps_gradients_comparable():
@@ -155,7 +158,7 @@ def test_distill_is_deterministic_for_a_seed(digits, teacher):
 def test_kd_beats_labels_only_at_a_low_label_budget(digits, teacher):
     """3 labels per class: the no-KD student sees 30 labels, the KD student also sees the teacher on every row."""
     X_tr, y_tr, X_va, y_va = digits
-    params = DistillParams(epochs=8, lr=1e-2, student_width=8, student_depth=2, label_budget=3, alpha=0.9)
+    params = DistillParams(epochs=8, lr=1e-2, student_width=8, student_depth=2, label_budget=3, alpha=0.1)
     kd = distill(teacher, make_student(teacher, params, seed=0), X_tr, y_tr, X_va, y_va, params, seed=0)
     no_kd = train_without_kd(make_student(teacher, params, seed=0), X_tr, y_tr, X_va, y_va, params, seed=0)
     assert kd.labelled_rows == no_kd.labelled_rows == 30

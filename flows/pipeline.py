@@ -51,9 +51,8 @@ def ensure_backbone(params: Params, tracker: Tracker, root: str) -> str | None:
     return f"{mv.name}/{mv.version}"
 
 
-def compress(params: Params, layout: Layout, stage, parent) -> dict:
+def compress(params: Params, layout: Layout, data: list[Path], stage, parent) -> dict:
     """distill → (prune) → (quantize) → evaluate, wired; returns what the summary reports."""
-    data = model_inputs(layout)
     student = stage("distill", distill_task, teacher=layout.teacher, data=data, params=params.distill,
                     seed=params.seed, layout=layout)
     parent.log_metrics({f"student.{k}": v for k, v in student.metrics.items()})
@@ -116,18 +115,18 @@ def pipeline(params: Params, root: str, tracking_uri: str, stop_after: str | Non
                    "split_hashes": split.info["hashes"], "classes": normalized.info["classes"]}
         if stop_after != "normalize":
             source_version = ensure_backbone(params, tracker, str(layout.root))
-            common = dict(backbone=params.backbone, train=params.train, seed=params.seed,
+            data = model_inputs(layout)
+            common = dict(data=data, backbone=params.backbone, train=params.train, seed=params.seed,
                           image_shape=params.data.image_shape, source_version=source_version,
                           tracking_uri=tracking_uri, layout=layout)
-            teacher = stage("finetune", finetune_task, data=model_inputs(layout), **common)
+            teacher = stage("finetune", finetune_task, **common)
             parent.log_metrics({f"teacher.{k}": v for k, v in teacher.metrics.items() if k.startswith("test.")})
             summary["teacher"] = teacher.metrics
             if params.transfer.enabled and source_version is not None:
-                gain = stage("transfer_gain", transfer_gain_task, data=model_inputs(layout), transfer=params.transfer,
-                             **common)
+                gain = stage("transfer_gain", transfer_gain_task, transfer=params.transfer, **common)
                 parent.log_metrics(gain.metrics)
                 summary["transfer_gain"] = gain.info["gains"]
             if params.distill.enabled:
-                summary |= compress(params, layout, stage, parent)
+                summary |= compress(params, layout, data, stage, parent)
 
     return summary

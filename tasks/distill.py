@@ -282,10 +282,6 @@ def student_arch(teacher_arch: dict, student: Classifier, params: DistillParams)
             "input_size": list(shape[:2]) if shape else None, "dropout": 0.0, "source": "compact"}
 
 
-def _test_accuracy(model: Classifier, X: np.ndarray, y: np.ndarray) -> float:
-    return float((predict_logits(model, torch.from_numpy(X)).argmax(1).numpy() == y).mean())
-
-
 def distill_stage(layout, params: DistillParams, seed: int) -> dict:
     """Distil artifacts/teacher into a student; train the no-KD twin; measure the KD gain.
 
@@ -293,7 +289,7 @@ def distill_stage(layout, params: DistillParams, seed: int) -> dict:
     all labels and at each `gain_label_budgets` labels per class.
     """
     from tasks.backbones import load_classifier, save_classifier
-    from tasks.finetune import classification_metrics, load_splits
+    from tasks.finetune import accuracy, classification_metrics, load_splits
     from tasks.plots import learning_curve
 
     pre, data = load_splits(layout)
@@ -309,10 +305,10 @@ def distill_stage(layout, params: DistillParams, seed: int) -> dict:
     kd, base = pair(params)
     save_classifier(kd.model, student_arch(teacher_arch, kd.model, params), layout.student)
     save_classifier(base.model, student_arch(teacher_arch, base.model, params), layout.student_nokd)
-    gains = {"all": {"kd": _test_accuracy(kd.model, Xte, yte), "no_kd": _test_accuracy(base.model, Xte, yte)}}
+    gains = {"all": {"kd": accuracy(kd.model, Xte, yte), "no_kd": accuracy(base.model, Xte, yte)}}
     for budget in params.gain_label_budgets:
         kd_b, base_b = pair(params.model_copy(update={"label_budget": budget}))
-        gains[budget] = {"kd": _test_accuracy(kd_b.model, Xte, yte), "no_kd": _test_accuracy(base_b.model, Xte, yte)}
+        gains[budget] = {"kd": accuracy(kd_b.model, Xte, yte), "no_kd": accuracy(base_b.model, Xte, yte)}
     for row in gains.values():
         row["gain"] = row["kd"] - row["no_kd"]
     test_pred = predict_logits(kd.model, torch.from_numpy(Xte)).argmax(1).numpy()

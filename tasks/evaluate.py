@@ -95,7 +95,7 @@ def measure_latency(predict: Predict, X: np.ndarray, batch_size: int, repeats: i
 def evaluate_variant(name: str, variant: nn.Module | str | Path, X_test: np.ndarray, y_test: np.ndarray,
                      threads: int = 2, repeats: int = 30, latency_batches: tuple[int, ...] = LATENCY_BATCHES) -> dict:
     """One row of the compression table for one variant."""
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
+    from tasks.finetune import classification_metrics
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # torch variants; ONNX sessions take `threads` themselves
@@ -104,14 +104,14 @@ def evaluate_variant(name: str, variant: nn.Module | str | Path, X_test: np.ndar
         X_test = np.ascontiguousarray(X_test, dtype=np.float32)
         y_test = np.asarray(y_test)
         y_pred = np.concatenate([predict(X_test[i : i + 1024]) for i in range(0, len(X_test), 1024)]).argmax(1)
-        labels = np.unique(y_test)
-        recalls = recall_score(y_test, y_pred, labels=labels, average=None, zero_division=0)
+        labels = [c.item() if hasattr(c, "item") else c for c in np.unique(y_test)]
+        scores = classification_metrics(y_test, y_pred, classes=labels, labels=labels)
         row = {
             "variant": name,
             "kind": "torch" if isinstance(variant, nn.Module) else Path(variant).suffix.lstrip("."),
-            "accuracy": float(accuracy_score(y_test, y_pred)),
-            "macro_f1": float(f1_score(y_test, y_pred, labels=labels, average="macro", zero_division=0)),
-            "per_class_recall": {c.item() if hasattr(c, "item") else c: float(r) for c, r in zip(labels, recalls)},
+            "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"],
+            "per_class_recall": {c: scores[f"recall.{c}"] for c in labels},
             "file_bytes": int(size),
             "parameters": n_params,
             "threads": threads,

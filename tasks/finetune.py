@@ -17,6 +17,7 @@ end exactly where an uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distilflow.params import AugmentParams, TrainParams
-from tasks.models import Classifier
+from tasks.models import Classifier, count_parameters
 
 
 @dataclass
@@ -155,6 +156,11 @@ def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 512) -> 
     model.eval()
     device = next(model.parameters()).device
     return torch.cat([model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)])
+
+
+def accuracy(model: nn.Module, X: np.ndarray, y: np.ndarray) -> float:
+    """Share of rows of X whose predicted class index is y."""
+    return float((predict_logits(model, torch.from_numpy(X)).argmax(1).numpy() == y).mean())
 
 
 @torch.no_grad()
@@ -303,10 +309,15 @@ def label_budget_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- stages (I/O at the edge)
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list,
+                           labels: list[int] | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 and per-class recall (`recall.<class>`): the metrics every variant is judged by.
+
+    `labels` are the class indices `classes` name (default: 0..len(classes)-1).
+    """
     from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-    labels = list(range(len(classes)))
+    labels = list(range(len(classes))) if labels is None else list(labels)
     recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     return {"accuracy": float(accuracy_score(y_true, y_pred)),
             "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
@@ -350,8 +361,6 @@ def finetune_stage(layout, backbone, train, seed: int, image_shape, tracking_uri
     plots = [learning_curve(fitted.history, layout.reports / "teacher_learning_curve.png", "teacher"),
              confusion_matrix_plot(yte, test_pred, pre["classes"], layout.reports / "teacher_confusion_test.png",
                                    "teacher: test confusion")]
-    from tasks.models import count_parameters
-
     return {"history": fitted.history, "best_epoch": fitted.best_epoch, "stopped_early": fitted.stopped_early,
             "resumed_from_epoch": fitted.resumed_from_epoch, "parameters": count_parameters(model),
             "test": test, "val": val, "plots": [str(p) for p in plots], "arch_source": arch.get("source", backbone.spec),
@@ -368,18 +377,20 @@ def transfer_gain_stage(layout, backbone, train, transfer, seed: int, image_shap
     pre, data = load_splits(layout)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
     cfg = train.model_copy(update={"epochs": transfer.epochs, "label_budget": None, "patience": transfer.epochs})
+    torch.manual_seed(seed)  # loaded once; each budget trains a copy of the same starting point
+    pretrained, arch = load_backbone(backbone, image_shape, Xtr.shape[1], len(pre["classes"]), tracking_uri)
     out = {}
     for budget in transfer.label_budgets:
         keep = label_budget_subset(ytr, budget, seed)
         accs = {}
         for init in ("pretrained", "scratch"):
-            torch.manual_seed(seed)
-            model, arch = load_backbone(backbone, image_shape, Xtr.shape[1], len(pre["classes"]), tracking_uri)
-            if init == "scratch":
+            if init == "pretrained":
+                model = copy.deepcopy(pretrained)
+            else:
                 torch.manual_seed(seed)
                 model = build_classifier(arch)
             fit(model, Xtr[keep], ytr[keep], Xva, yva, cfg, seed, image_shape, desc=f"{init}@{budget}")
-            accs[init] = float((predict_logits(model, torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
+            accs[init] = accuracy(model, Xte, yte)
         out[budget] = {**accs, "gain": accs["pretrained"] - accs["scratch"], "labels_per_class": budget}
     return out
 

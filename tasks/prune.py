@@ -178,7 +178,7 @@ def prune_stage(layout, params: PruneParams, distill_params, seed: int) -> dict:
     """Prune artifacts/student (fine-tuning with KD from the teacher), save artifacts/student_pruned/."""
     from tasks.backbones import load_classifier, save_classifier
     from tasks.distill import distill
-    from tasks.finetune import load_splits, predict_logits
+    from tasks.finetune import accuracy, load_splits
 
     pre, data = load_splits(layout)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
@@ -190,7 +190,7 @@ def prune_stage(layout, params: PruneParams, distill_params, seed: int) -> dict:
     if isinstance(pruned.backbone, SmallCNN):  # channel pruning leaves irregular widths
         arch = {**arch, "widths": [block[0].out_channels for block in pruned.backbone.blocks]}
     save_classifier(pruned, arch, layout.student_pruned)
-    report["test_accuracy"] = float((predict_logits(pruned, torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
+    report["test_accuracy"] = accuracy(pruned, Xte, yte)
     return report
 
 

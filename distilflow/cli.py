@@ -2,6 +2,11 @@
 
     python -m distilflow run   [--params params.yaml] [--set key=value ...]
     python -m distilflow stage NAME [--params ...] [--set ...]   # one DVC stage
+    python -m distilflow promote [--by NAME]                       # challenger → champion, if the gates pass
+    python -m distilflow rollback --reason TEXT                    # champion → previous-champion
+    python -m distilflow audit                                     # every promotion and rollback
+    python -m distilflow score INPUT.csv --out OUTPUT.csv          # batch scoring with the champion
+    python -m distilflow serve                                     # the scheduled deployments (Prefect)
     python -m distilflow demo-data [--out data/raw/digits.csv]
 
 A `DistilflowError` (bad params, bad data) prints one line and exits 1, with
@@ -29,6 +34,7 @@ def _quiet_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class _NoUserTracebacks(logging.Filter):
@@ -64,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     with_params(sub.add_parser("pretrain", help="pretrain the demo backbone on MNIST and register it in MLflow"))
     stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
     stage.add_argument("name", choices=STAGES)
+    promote = with_params(sub.add_parser("promote", help="promote the challenger to champion if it passes the gates"))
+    promote.add_argument("--by", help="who promotes, for the audit trail (default: the OS user)")
+    rollback = with_params(sub.add_parser("rollback", help="restore previous-champion as champion"))
+    rollback.add_argument("--reason", required=True, help="why, for the audit trail")
+    rollback.add_argument("--by", help="who rolls back (default: the OS user)")
+    audit = with_params(sub.add_parser("audit", help="list every promotion and rollback of the model"))
+    audit.add_argument("--all", action="store_true", help="every registered model, not just this project's")
+    score = with_params(sub.add_parser("score", help="score a CSV of raw rows with the champion"))
+    score.add_argument("input", help="CSV with the model's raw feature columns (other columns are kept)")
+    score.add_argument("--out", required=True, help="where to write the predictions (CSV)")
+    score.add_argument("--model-uri", help="another registered model, e.g. models:/<name>@challenger")
+    with_params(sub.add_parser("serve", help="serve the scheduled deployments (pipeline + promote) until Ctrl-C"))
     demo = sub.add_parser("demo-data", help="write scikit-learn's digits as the demo raw CSV")
     demo.add_argument("--out", default="data/raw/digits.csv")
     return parser
@@ -77,10 +95,12 @@ def _run(args) -> int:
     if args.command == "stage":
         return _stage(args.name, params, root)
 
-    from distilflow.tracking import default_tracking_uri
+    from distilflow.tracking import resolve_tracking_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    uri = resolve_tracking_uri(root)
     _install_log_filter()
+    if args.command in ("promote", "rollback", "audit", "score", "serve"):
+        return _registry_command(args, params, root, uri)
     if args.command == "pretrain":
         from flows.pretrain import pretrain
 
@@ -102,6 +122,35 @@ def _run(args) -> int:
               f"(student with KD {row['kd']:.4f} vs without {row['no_kd']:.4f})")
     if summary.get("compression"):
         print(f"compression report: {root / 'reports/compression.md'}")
+    return 0
+
+
+def _registry_command(args, params, root: Path, uri: str) -> int:
+    from flows import registry as flows
+
+    if args.command == "promote":
+        result = flows.promote(params=params, root=str(root), tracking_uri=uri, actor=args.by)
+        print(f"{result['decision']}: {result['model']} v{result['version']} ({result['reasons']})")
+    elif args.command == "rollback":
+        flows.rollback(params=params, root=str(root), tracking_uri=uri, reason=args.reason, actor=args.by)
+    elif args.command == "score":
+        flows.score(params=params, root=str(root), tracking_uri=uri, source=args.input, out=args.out,
+                    model_uri=args.model_uri)
+    elif args.command == "audit":
+        from distilflow.tracking import Tracker
+        from tasks.registry import audit_trail
+
+        rows = audit_trail(Tracker(uri, root), None if args.all else params.registered_model())
+        print("at (UTC)            | model | action | version | from | decision | by | reason")
+        for r in rows:
+            print(f"{r['at']} | {r['model']} | {r['action']} | v{r['version']} | v{r['from_version']} | "
+                  f"{r['decision'] or '-'} | {r['by']} | {r['reason']}")
+        if not rows:
+            print("(no promotions or rollbacks yet)")
+    else:
+        from flows.deployments import serve
+
+        serve(params, args.params)
     return 0
 
 

@@ -61,6 +61,10 @@ class Layout:
         return self.reports / "compression.md"
 
     @property
+    def model_card(self) -> Path:
+        return self.reports / "model_card.md"
+
+    @property
     def pretrained(self) -> Path:
         return self.root / "artifacts/pretrained"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distilflow.errors import DistilflowError
 from distilflow.hashing import params_hash
@@ -246,6 +246,56 @@ class TrackingParams(Section):
     experiment: str | None = None
 
 
+class GateParams(Section):
+    """What a challenger must meet to become champion (flows/registry.py:promote).
+
+    Accuracy is re-measured on the frozen test split for both models; latency
+    (batch 1, median) and size come from the evaluation harness at registration.
+    """
+
+    min_accuracy: float = Field(default=0.9, ge=0, le=1)
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    max_latency_ms: float = Field(default=5.0, gt=0)
+    max_size_kb: float = Field(default=1024.0, gt=0)
+
+
+class RegistryParams(Section):
+    """Registration at the end of a pipeline run, and promotion through aliases.
+
+    model_name: the registered model of the int8 product (default
+    `distilflow-<data.name>`); the fp32 teacher and student go to
+    `<model_name>-teacher` and `<model_name>-student` for reference.
+    lock_timeout_s: how long a registration or promotion waits for another
+    one of the same model to finish before giving up.
+    """
+
+    enabled: bool = True
+    model_name: str | None = None
+    gates: GateParams = GateParams()
+    lock_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class ScheduleParams(Section):
+    """Cron schedules of the Prefect deployments (`prefect.yaml`, `python -m distilflow serve`)."""
+
+    train_cron: str = "0 2 * * *"
+    promote_cron: str = "30 3 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("train_cron", "promote_cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from datetime import datetime
+
+        import cronsim
+
+        try:
+            cronsim.CronSim(value, datetime(2026, 1, 1))
+        except cronsim.CronSimError as exc:
+            raise ValueError(f"not a valid cron expression ({exc}); e.g. '0 2 * * *' is 02:00 daily") from None
+        return value
+
+
 class Params(Section):
     seed: int = Field(default=42, ge=0)
     data: DataParams = DataParams()
@@ -261,6 +311,8 @@ class Params(Section):
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -273,6 +325,9 @@ class Params(Section):
 
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"distilflow-{self.data.dataset_name}"
+
+    def registered_model(self) -> str:
+        return self.registry.model_name or f"distilflow-{self.data.dataset_name}"
 
     def hash(self) -> str:
         return params_hash(self.model_dump(mode="json"))
@@ -297,7 +352,7 @@ def _describe(err: dict, source: str) -> str:
     if err["type"] == "literal_error":
         return f"{source}: {key}: got {err['input']!r}; {msg}"
     if err["type"].startswith("value_error") or err["type"] == "assertion_error":
-        return f"{source}: {msg}"
+        return f"{source}: {key}: {msg}" if loc else f"{source}: {msg}"
     return f"{source}: {key}: {msg} (got {err['input']!r})"
 
 

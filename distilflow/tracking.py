@@ -28,6 +28,13 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI when set (a server), else the embedded store: read only at the edges (CLI, deployments)."""
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
 def artifact_root(root: Path) -> str:
     return (Path(root).resolve() / "mlartifacts").as_uri()
 
@@ -51,6 +58,30 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return out
+
+
+def wait_for_server(uri: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
+    """Probe a tracking server's /health, retrying with backoff, then fail with one clear message.
+
+    MLflow's own client retries each request for minutes; a scheduled run
+    should learn quickly that the server is down.
+    """
+    import urllib.error
+    import urllib.request
+
+    error = ""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+                error = f"HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            error = str(getattr(exc, "reason", exc))
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2**attempt)
+    raise DistilflowError(f"MLflow tracking server {uri} is unreachable after {attempts} attempts ({error}): "
+                          "start it, or unset MLFLOW_TRACKING_URI to use the embedded store")
 
 
 @dataclass
@@ -85,6 +116,13 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -103,8 +141,10 @@ class Tracker:
 
         self.uri = uri
         self.root = Path(root)
+        if uri.startswith(("http://", "https://")):
+            wait_for_server(uri)
         try:
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         except Exception as exc:
             raise DistilflowError(f"MLflow tracking store {uri!r} could not be opened: {exc}") from None
 
@@ -177,6 +217,22 @@ class Tracker:
             return self.client.get_model_version_by_alias(name, alias) if sep else self.client.get_model_version(*ref.split("/"))
         except MlflowException:
             return None
+
+    def load_pyfunc(self, models_uri: str):
+        """A registered model (`models:/name@alias` or `models:/name/version`), loaded from this store."""
+        import mlflow.artifacts
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
+
+        mv = self.model_version(models_uri)
+        if mv is None:
+            raise DistilflowError(f"{models_uri}: no such registered model version in {self.uri}")
+        try:
+            location = self.client.get_model_version_download_uri(mv.name, mv.version)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=self.uri)
+            return mlflow.pyfunc.load_model(local)
+        except MlflowException as exc:
+            raise DistilflowError(f"{models_uri} could not be loaded: {str(exc).splitlines()[0]}") from None
 
     def log_stage(self, parent: Run, stage: str, result, cached: bool, lineage: dict[str, str]) -> Run:
         """One child run holding a stage's record (metrics, tags, files, texts)."""

@@ -12,7 +12,7 @@ from distilflow.hashing import path_hash
 from distilflow.layout import Layout
 from distilflow.params import Params
 from distilflow.records import StageResult
-from distilflow.tracking import Tracker, git_commit
+from distilflow.tracking import STAGE_TAG, Tracker, git_commit
 from flows.common import run_stage
 from flows.pretrain import pretrain, pretrain_fingerprint
 from tasks.data import SPLITS, clean_task, ingest_task, normalize_task, split_task
@@ -21,6 +21,7 @@ from tasks.evaluate import evaluate_task
 from tasks.finetune import finetune_task, transfer_gain_task
 from tasks.prune import prune_task
 from tasks.quantize import quantize_task
+from tasks.registry import CHALLENGER, register_task
 
 
 def model_inputs(layout: Layout) -> list[Path]:
@@ -78,7 +79,25 @@ def compress(params: Params, layout: Layout, data: list[Path], stage, parent) ->
     parent.log_metrics(evaluated.metrics)
     for path in evaluated.artifacts:
         parent.log_artifact(path)
-    return {"kd_gain": student.info["kd_gain"], "compression": evaluated.info["table"]}
+    return {"kd_gain": student.info["kd_gain"], "compression": evaluated.info["table"], "notes": notes}
+
+
+def register(params: Params, layout: Layout, tracker: Tracker, parent, lineage: dict, summary: dict) -> dict:
+    """The register stage: a child run holding the registered models, under the model's registry lock."""
+    from flows.registry import registry_lock
+
+    quantize_note = next((n for n in summary["notes"] if n.startswith("student int8")), "not quantized")
+    with registry_lock(tracker, params.registered_model(), params.registry.lock_timeout_s):
+        with tracker.run("", "register", tags={STAGE_TAG: "register", **lineage}, parent=parent) as child:
+            result = register_task(tracker, child, params, layout, {**lineage, "parent_run_id": parent.run_id},
+                                    summary["compression"], quantize_note)
+    versions = result["versions"]
+    product = versions[result["model"]]
+    state = "unchanged, kept" if versions.get("unchanged") else f"registered as @{CHALLENGER}"
+    print(f"register: {result['model']} version {product} {state}")
+    parent.set_tags({"registered_version": f"{result['model']}/{product}"})
+    return {"model": result["model"], "version": product, "unchanged": bool(versions.get("unchanged")),
+            "versions": {k: v for k, v in versions.items() if k != "unchanged"}}
 
 
 @flow(name="distilflow-pipeline", log_prints=True)
@@ -128,5 +147,8 @@ def pipeline(params: Params, root: str, tracking_uri: str, stop_after: str | Non
                 summary["transfer_gain"] = gain.info["gains"]
             if params.distill.enabled:
                 summary |= compress(params, layout, data, stage, parent)
+                if params.registry.enabled:
+                    summary["registered"] = register(params, layout, tracker, parent, lineage, summary)
+                    stages["register"] = "unchanged" if summary["registered"]["unchanged"] else "ran"
 
     return summary

@@ -20,6 +20,7 @@ from distilflow.errors import DistilflowError
 from distilflow.hashing import file_md5, frame_hash
 from distilflow.io import atomic_path, read_table, write_json, write_table
 from distilflow.params import CleanParams, DataParams, SplitParams
+from tasks.preprocessing import apply_normalizer  # noqa: F401  (re-exported: the stages' one way to apply it)
 
 LABEL = "label"
 SPLITS = ("train", "val", "test")
@@ -396,17 +397,6 @@ def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int
         "shift": shift.tolist(),
         "scale": scale.tolist(),
     }
-
-
-def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
-    """Raw feature columns → normalised float32 matrix, as fitted by `fit_normalizer`."""
-    missing = [c for c in pre["feature_columns"] if c not in features.columns]
-    if missing:
-        raise DistilflowError(f"input is missing feature columns: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    X = features[pre["feature_columns"]].to_numpy(dtype=np.float64)
-    impute = np.asarray(pre["impute"])
-    X = np.where(np.isfinite(X), X, impute)
-    return ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------

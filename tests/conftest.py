@@ -68,3 +68,33 @@ def edit_params(project: Path, **sections) -> None:
         else:
             raw[section] = values
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+QUICK = dict(  # a whole pipeline run in ~20 s: scratch teacher, short training, no transfer check
+    backbone={"spec": "builtin:cnn", "width": 16, "depth": 3},
+    train={"epochs": 3, "warmup_epochs": 0},
+    transfer={"enabled": False},
+    distill={"epochs": 3, "gain_label_budgets": []},
+    quantize={"calibration_size": 64},
+    evaluate={"repeats": 5},
+    registry={"gates": {"min_accuracy": 0.5, "max_accuracy_drop": 0.05, "max_latency_ms": 100.0, "max_size_kb": 4096}},
+)
+
+
+@pytest.fixture(scope="session")
+def trained(prefect_api, tmp_path_factory, digits_csv) -> dict:
+    """A project after one full pipeline run (registered @challenger in its embedded store); treat as read-only."""
+    from distilflow.params import load_params
+    from distilflow.tracking import default_tracking_uri
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "data/raw").mkdir(parents=True)
+    shutil.copy(digits_csv, root / "data/raw/digits.csv")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for section, values in QUICK.items():
+        edit_params(root, **{section: values})
+    params = load_params(root / "params.yaml")
+    uri = default_tracking_uri(root)
+    summary = pipeline(params=params, root=str(root), tracking_uri=uri)
+    return {"root": root, "uri": uri, "params": params, "summary": summary}

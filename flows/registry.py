@@ -1,0 +1,117 @@
+"""Registry flows: promote, rollback, batch scoring. Wiring, plus the lock that keeps them apart.
+
+Two runs that change one registered model's versions or aliases (a pipeline's
+registration, a promotion, a rollback) never overlap: each holds a Prefect
+global concurrency limit of one slot named after the model (shared by every
+process talking to the same Prefect API) and, for the embedded SQLite store,
+a file lock beside it (shared by every process on this machine, even when
+each runs its own ephemeral Prefect API).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from prefect import flow
+
+from distilflow.errors import DistilflowError
+from distilflow.layout import Layout
+from distilflow.params import Params
+from distilflow.tracking import Tracker
+from tasks import registry
+
+
+def lock_name(model: str) -> str:
+    return "distilflow-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)
+
+
+@contextmanager
+def _file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DistilflowError(f"{what} is busy: another registration or promotion still holds it after "
+                                          f"{timeout_s:.0f} s (registry.lock_timeout_s)") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[None]:
+    """Exclusive right to change `model`'s versions and aliases (see the module docstring)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = lock_name(model)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another process created it first
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        if tracker.uri.startswith("sqlite:///"):
+            db = Path(tracker.uri.removeprefix("sqlite:///"))
+            with _file_lock(db.with_name(db.name + f".{name}.lock"), timeout_s, f"registered model {model}"):
+                yield
+        else:
+            yield
+
+
+@flow(name="distilflow-promote", log_prints=True)
+def promote(params: Params, root: str, tracking_uri: str, actor: str | None = None) -> dict:
+    """Gate `challenger` against `champion` on the frozen test split; move the aliases on a pass."""
+    tracker = Tracker(tracking_uri, Path(root))
+    model = params.registered_model()
+    registry.require_model(tracker.client, model)
+    seen = registry.version_by_alias(tracker.client, model, registry.CHALLENGER)
+    with registry_lock(tracker, model, params.registry.lock_timeout_s):
+        result = registry.promote(tracker, model, params.registry.gates, Layout(root).split("test"), actor,
+                                  expected=seen.version if seen else None)
+    for gate in result["gates"]:
+        print(f"gate {gate['name']}: {'pass' if gate['passed'] else 'FAIL'} ({gate['reason']})")
+    print(f"{model} v{result['version']}: {result['decision']}; champion is v{result['champion']}")
+    return result
+
+
+@flow(name="distilflow-rollback", log_prints=True)
+def rollback(params: Params, root: str, tracking_uri: str, reason: str, actor: str | None = None) -> dict:
+    """Restore `previous-champion` as `champion`."""
+    tracker = Tracker(tracking_uri, Path(root))
+    model = params.registered_model()
+    registry.require_model(tracker.client, model)
+    with registry_lock(tracker, model, params.registry.lock_timeout_s):
+        result = registry.rollback(tracker, model, actor, reason)
+    print(f"{model}: champion is v{result['champion']} again (v{result['demoted']} demoted: {reason})")
+    return result
+
+
+@flow(name="distilflow-score", log_prints=True)
+def score(params: Params, root: str, tracking_uri: str, source: str, out: str, model_uri: str | None = None) -> dict:
+    """Batch scoring: a CSV of raw rows through the champion (or `model_uri`), predictions to `out`."""
+    tracker = Tracker(tracking_uri, Path(root))
+    uri = model_uri or f"models:/{params.registered_model()}@{registry.CHAMPION}"
+    if model_uri is None:
+        registry.require_model(tracker.client, params.registered_model())
+    result = registry.score_csv(tracker, uri, Layout(root).resolve(source), Layout(root).resolve(out))
+    print(f"scored {result['rows']} rows with {uri} → {result['output']}")
+    return result
+

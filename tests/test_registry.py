@@ -1,0 +1,328 @@
+"""Registration, promotion gates, rollback, audit trail, batch scoring: real MLflow stores, real models.
+
+One pipeline run (the session's `trained` project) provides the models; each
+test that changes a registry gets a fresh SQLite store of its own.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from distilflow.errors import DistilflowError
+from distilflow.io import read_json
+from distilflow.layout import Layout
+from distilflow.params import GateParams
+from distilflow.tracking import Tracker, default_tracking_uri
+from tasks import registry
+from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, Variant
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+NAME = "distilflow-digits"
+LENIENT = GateParams(min_accuracy=0.5, max_accuracy_drop=0.5, max_latency_ms=1000, max_size_kb=1e6)
+
+
+def rows(trained) -> dict:
+    return {r["variant"]: r for r in trained["summary"]["compression"]}
+
+
+def base_tags(trained) -> dict:
+    mv = MlflowClient(trained["uri"]).get_model_version_by_alias(NAME, CHALLENGER)
+    return {k: v for k, v in mv.tags.items() if k not in ("model_hash", "role", "variant", "registration")}
+
+
+def fresh(tmp_path) -> Tracker:
+    return Tracker(default_tracking_uri(tmp_path), tmp_path)
+
+
+def register(tracker, trained, classifier, row: str = "student int8", tags: dict | None = None, name: str = NAME) -> str:
+    """One product version in `tracker`'s store, as the pipeline registers it."""
+    layout = Layout(trained["root"])
+    pre = read_json(layout.preprocessor)
+    example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
+    with tracker.run("distilflow-test", "register") as run:
+        versions = registry.register_variants(tracker, run, [Variant(name, classifier, rows(trained)[row], "product")],
+                                              layout.preprocessor, example, {**base_tags(trained), **(tags or {})},
+                                              "# card\n")
+    return versions[name]
+
+
+def random_model(trained, out) -> "Path":
+    """The teacher's architecture with fresh random weights: a model that is certainly worse."""
+    import torch
+
+    from tasks.backbones import build_classifier, save_classifier
+
+    arch = read_json(Layout(trained["root"]).teacher / "arch.json")
+    torch.manual_seed(0)
+    return save_classifier(build_classifier(arch), arch, out)
+
+
+def aliases(tracker, name=NAME) -> dict:
+    return {k: str(v) for k, v in tracker.client.get_registered_model(name).aliases.items()}
+
+
+def promote(tracker, trained, gates=LENIENT, **kw):
+    return registry.promote(tracker, NAME, gates, Layout(trained["root"]).split("test"), actor="tester", **kw)
+
+
+# ---------------------------------------------------------------------------- registration by the pipeline
+
+
+def test_pipeline_registers_product_and_references_with_lineage_card_and_signature(trained):
+    client = MlflowClient(trained["uri"])
+    summary = trained["summary"]
+    assert summary["stages"]["register"] == "ran"
+    product = client.get_model_version_by_alias(NAME, CHALLENGER)
+    t = product.tags
+    run = client.get_run(summary["run_id"])
+    for key in ("git_commit", "data_md5", "split_hash.train", "split_hash.val", "split_hash.test", "params_hash",
+                "compression_recipe", "test_accuracy", "size_bytes", "latency_b1_ms", "latency_b256_ms"):
+        assert t.get(key), key
+    assert t["parent_run_id"] == summary["run_id"] and t["data_md5"] == run.data.tags["data_md5"]
+    assert t["split_hash.test"] == run.data.tags["split_hash.test"] and t["role"] == "product"
+    assert "int8" in t["compression_recipe"] and "KD" in t["compression_recipe"]
+    int8_row = rows(trained)["student int8"]
+    assert float(t["test_accuracy"]) == pytest.approx(int8_row["accuracy"], abs=1e-6)
+    assert int(t["size_bytes"]) == int8_row["file_bytes"]
+    # the version links to the register child run of this pipeline run
+    child = client.get_run(product.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == summary["run_id"] and child.data.tags["distilflow.stage"] == "register"
+    for ref in (f"{NAME}-teacher", f"{NAME}-student"):
+        v = client.search_model_versions(f"name = '{ref}'")
+        assert len(v) == 1 and v[0].tags["role"] == "reference" and v[0].run_id == product.run_id
+        assert CHALLENGER not in client.get_registered_model(ref).aliases
+
+    tracker = Tracker(trained["uri"], trained["root"])
+    local = tracker.client.download_artifacts(product.run_id, f"registered/{NAME}")
+    card = open(os.path.join(local, "model_card.md")).read()
+    for heading in ("## Data", "## Cleaning", "## Metrics of every variant", "## Compression steps", "## Intended use"):
+        assert heading in card
+    assert "| student int8 |" in card and "| teacher fp32 |" in card and t["data_md5"] in card
+    reqs = open(os.path.join(local, "requirements.txt")).read()
+    assert "torch==" in reqs and "onnxruntime==" in reqs and "mlflow==" in reqs
+    model = tracker.load_pyfunc(f"models:/{NAME}@{CHALLENGER}")
+    assert model.metadata.get_input_schema().input_names() == [f"px{i}" for i in range(64)]
+    assert model.metadata.get_output_schema().input_names() == ["prediction"] + [f"prob_{c}" for c in range(10)]
+
+
+def test_an_unchanged_model_is_not_registered_twice(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    int8 = Layout(trained["root"]).int8("student", "onnx_qdq")
+    first = register(tracker, trained, int8)
+    assert register(tracker, trained, int8) == first
+    assert len(tracker.client.search_model_versions(f"name = '{NAME}'")) == 1
+
+
+def test_registration_is_all_or_nothing(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    layout = Layout(trained["root"])
+    broken = shutil.copytree(layout.student, tmp_path / "broken_student")
+    (broken / "model.safetensors").write_bytes(b"not a model")
+    variants = [Variant(NAME, layout.int8("student", "onnx_qdq"), rows(trained)["student int8"], "product"),
+                Variant(f"{NAME}-teacher", layout.teacher, rows(trained)["teacher fp32"], "reference"),
+                Variant(f"{NAME}-student", broken, rows(trained)["student fp32 (KD)"], "reference")]
+    pre = read_json(layout.preprocessor)
+    example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
+    with pytest.raises(Exception):
+        with tracker.run("distilflow-test", "register") as run:
+            registry.register_variants(tracker, run, variants, layout.preprocessor, example, base_tags(trained), "# c\n")
+    for name in (NAME, f"{NAME}-teacher", f"{NAME}-student"):
+        assert tracker.client.search_model_versions(f"name = '{name}'") == []
+    assert registry.version_by_alias(tracker.client, NAME, CHALLENGER) is None
+
+
+# ---------------------------------------------------------------------------- gates
+
+
+@pytest.mark.parametrize("gate, setting, passes", [
+    ("min_accuracy", {"min_accuracy": 0.95}, True), ("min_accuracy", {"min_accuracy": 0.97}, False),
+    ("max_accuracy_drop", {"max_accuracy_drop": 0.02}, True), ("max_accuracy_drop", {"max_accuracy_drop": 0.01}, False),
+    ("max_latency_ms", {"max_latency_ms": 0.5}, True), ("max_latency_ms", {"max_latency_ms": 0.3}, False),
+    ("max_size_kb", {"max_size_kb": 30}, True), ("max_size_kb", {"max_size_kb": 20}, False),
+])
+def test_each_gate_passes_and_fails_on_its_threshold(gate, setting, passes):
+    challenger = {"accuracy": 0.96, "latency_b1_ms": 0.4, "size_bytes": 25 * 1024, "version": "2"}
+    champion = {"accuracy": 0.975, "version": "1"}
+    gates = GateParams(**{**LENIENT.model_dump(), **setting})
+    result = {g.name: g for g in registry.check_gates(challenger, champion, gates)}
+    assert result[gate].passed is passes
+    assert all(g.passed for name, g in result.items() if name != gate)
+
+
+def test_first_model_is_promoted_when_the_absolute_gates_pass(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    result = promote(tracker, trained)
+    assert result["decision"] == "promoted"
+    assert aliases(tracker) == {CHAMPION: v}
+    tags = tracker.client.get_model_version(NAME, v).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.by"] == "tester"
+    assert tags["promotion.gate.max_accuracy_drop.value"] == "n/a" and tags["promotion.against"] == "none"
+    # the accuracy gate used the model re-scored on the frozen test split: the pipeline's own figure
+    assert float(tags["promotion.gate.min_accuracy.value"]) == pytest.approx(rows(trained)["student int8"]["accuracy"],
+                                                                              abs=1e-5)
+
+
+def test_first_model_failing_an_absolute_gate_is_rejected_and_recorded(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    result = promote(tracker, trained, GateParams(**{**LENIENT.model_dump(), "max_size_kb": 0.5}))
+    assert result["decision"] == "rejected" and "size" in result["reasons"]
+    assert aliases(tracker) == {}  # no champion, and the challenger was decided
+    tags = tracker.client.get_model_version(NAME, v).tags
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.gate.max_size_kb.passed"] == "false"
+    assert tags["promotion.gate.min_accuracy.passed"] == "true"
+
+
+def test_worse_challenger_is_rejected_and_champion_kept_then_better_one_promoted_then_rollback(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    layout = Layout(trained["root"])
+    gates = GateParams(min_accuracy=0.0, max_accuracy_drop=0.1, max_latency_ms=1000, max_size_kb=1e6)
+    v1 = register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    assert promote(tracker, trained, gates)["decision"] == "promoted"
+
+    v2 = register(tracker, trained, random_model(trained, tmp_path / "random"), row="teacher fp32")
+    assert aliases(tracker) == {CHAMPION: v1, CHALLENGER: v2}
+    result = promote(tracker, trained, gates)
+    assert result["decision"] == "rejected" and result["champion"] == v1
+    assert aliases(tracker) == {CHAMPION: v1}
+    tags = tracker.client.get_model_version(NAME, v2).tags
+    assert tags["promotion.gate.max_accuracy_drop.passed"] == "false" and float(tags["promotion.gate.max_accuracy_drop.value"]) > 0.3
+    assert tags["promotion.against"] == v1
+
+    v3 = register(tracker, trained, layout.teacher, row="teacher fp32")
+    result = promote(tracker, trained, gates)
+    assert result["decision"] == "promoted", result["reasons"]
+    assert aliases(tracker) == {CHAMPION: v3, PREVIOUS: v1}
+
+    back = registry.rollback(tracker, NAME, actor="oncall", reason="latency regression in prod")
+    assert back == {"model": NAME, "champion": v1, "demoted": v3}
+    assert aliases(tracker) == {CHAMPION: v1}
+    assert tracker.client.get_model_version(NAME, v3).tags["rollback.reason"] == "latency regression in prod"
+    with pytest.raises(DistilflowError, match="no 'previous-champion'"):
+        registry.rollback(tracker, NAME, actor="oncall", reason="again")
+
+    trail = registry.audit_trail(tracker, NAME)
+    assert [(r["action"], r["version"], r["decision"]) for r in trail] == [
+        ("promote", v1, "promoted"), ("promote", v2, "rejected"), ("promote", v3, "promoted"), ("rollback", v1, "")]
+    assert trail[-1]["by"] == "oncall" and trail[-1]["reason"] == "latency regression in prod"
+    assert trail[-1]["from_version"] == v3 and trail[1]["by"] == "tester" and "drop" in trail[1]["reason"]
+    assert all(r["at"] for r in trail)
+
+
+# ---------------------------------------------------------------------------- bad input: clear error, no change
+
+
+def test_promoting_without_a_challenger_changes_nothing(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    promote(tracker, trained)
+    with pytest.raises(DistilflowError, match="no 'challenger' version"):
+        promote(tracker, trained)
+    assert aliases(tracker) == {CHAMPION: v} and len(registry.audit_trail(tracker, NAME)) == 1
+
+
+def test_challenger_on_other_data_than_the_champion_is_refused(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    layout = Layout(trained["root"])
+    v1 = register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    promote(tracker, trained)
+    v2 = register(tracker, trained, layout.teacher, row="teacher fp32", tags={"data_md5": "0" * 32})
+    with pytest.raises(DistilflowError, match="other data than champion"):
+        promote(tracker, trained)
+    assert aliases(tracker) == {CHAMPION: v1, CHALLENGER: v2}
+    assert "promotion.decision" not in tracker.client.get_model_version(NAME, v2).tags
+
+
+def test_unknown_model_name_is_a_clear_error(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    for call in (lambda: registry.promote(tracker, "no-such-model", LENIENT, Layout(trained["root"]).split("test")),
+                 lambda: registry.rollback(tracker, "no-such-model")):
+        with pytest.raises(DistilflowError, match=f"unknown registered model 'no-such-model'.*{NAME}"):
+            call()
+
+
+def test_unreachable_tracking_server_retries_then_fails_clearly(trained, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml")],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distilflow: error:")]
+    assert len(errors) == 1 and errors[0].startswith("distilflow: error: MLflow tracking server http://127.0.0.1:")
+    assert "unreachable after 3 attempts" in errors[0]
+    assert 3 <= time.monotonic() - start < 100  # it retried (1 s + 2 s backoff), and did not hang
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(trained, tmp_path):
+    from tasks.data import load_xy
+    from tasks.quantize import OnnxPredictor
+
+    tracker = fresh(tmp_path)
+    layout = Layout(trained["root"])
+    register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    promote(tracker, trained)
+    test = pd.read_parquet(layout.split("test"))
+    raw = pd.read_csv(layout.root / "data/raw/digits.csv").iloc[:0]  # the raw CSV's column types
+    test[raw.columns.drop("label")].astype(raw.dtypes.drop("label")).to_csv(tmp_path / "raw_test.csv", index=False)
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({tracker.uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        f"out = model.predict(pd.read_csv({str(tmp_path / 'raw_test.csv')!r}))\n"
+        "json.dump({'pred': out['prediction'].tolist(), 'p0': out['prob_0'].tolist()}, sys.stdout)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    X, y = load_xy(layout.split("test"), read_json(layout.preprocessor))
+    logits = OnnxPredictor(layout.int8("student", "onnx_qdq")).predict_logits(X)
+    classes = np.asarray(read_json(layout.preprocessor)["classes"])
+    assert served["pred"] == classes[logits.argmax(1)].tolist()
+    assert np.mean(np.asarray(served["pred"]) == classes[y]) == pytest.approx(rows(trained)["student int8"]["accuracy"])
+    assert np.allclose(served["p0"], np.exp(logits[:, 0]) / np.exp(logits).sum(1), atol=1e-5)
+
+
+def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    promote(tracker, trained)
+    uri = f"models:/{NAME}@{CHAMPION}"
+    raw = pd.read_csv(trained["root"] / "data/raw/digits.csv").head(50)
+    raw.insert(0, "id", range(50))
+    raw.to_csv(tmp_path / "in.csv", index=False)
+    result = registry.score_csv(tracker, uri, tmp_path / "in.csv", tmp_path / "out.csv")
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert result["rows"] == 50 and list(out["id"]) == list(range(50))
+    assert {"prediction", "prob_0", "prob_9", "label"} <= set(out.columns) and "px0" not in out.columns
+    assert np.allclose(out[[f"prob_{c}" for c in range(10)]].sum(1), 1, atol=1e-5)
+    assert (out["prediction"] == out["label"]).mean() > 0.5
+
+    raw.drop(columns=["px5"]).to_csv(tmp_path / "missing.csv", index=False)
+    with pytest.raises(DistilflowError, match=r"missing the model's input columns: \['px5'\]"):
+        registry.score_csv(tracker, uri, tmp_path / "missing.csv", tmp_path / "out2.csv")
+    raw.assign(px3=raw["px3"] + 0.5).to_csv(tmp_path / "fractional.csv", index=False)
+    with pytest.raises(DistilflowError, match="column 'px3'"):
+        registry.score_csv(tracker, uri, tmp_path / "fractional.csv", tmp_path / "out2.csv")
+    with pytest.raises(DistilflowError, match="not found"):
+        registry.score_csv(tracker, uri, tmp_path / "nope.csv", tmp_path / "out2.csv")
+    assert not (tmp_path / "out2.csv").exists()

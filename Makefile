@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-fast data repro push pull clean-outputs
+.PHONY: install run test test-fast data repro push pull promote ui prefect-server worker serve
 
 install: $(STAMP)
 
@@ -39,3 +39,24 @@ repro: install data
 push pull: install data
 	@if [ -n "$$DISTILFLOW_DVC_REMOTE" ]; then dvc remote add --local --force --default env "$$DISTILFLOW_DVC_REMOTE"; fi
 	dvc $@
+
+promote: install
+	$(PY) -m distilflow promote $(ARGS)
+
+# The MLflow UI on loopback, over the embedded store: http://127.0.0.1:5000
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# Scheduled runs: a local Prefect server (UI at http://127.0.0.1:4200), then in another terminal `make worker`
+prefect-server: install
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+worker: install
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect work-pool create distilflow --type process --overwrite
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect --no-prompt deploy --all
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect worker start --pool distilflow
+
+# The same two deployments served from one process, without a worker
+serve: install
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m distilflow serve

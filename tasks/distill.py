@@ -169,7 +169,7 @@ class DistillResult:
 
 
 def _labels_within_budget(y: np.ndarray, budget: int | None, seed: int) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    y = torch.as_tensor(np.array(y), dtype=torch.long)  # a copy: pandas hands out read-only arrays
     if budget is None:
         return y
     keep = torch.as_tensor(label_budget_subset(y.numpy(), budget, seed))

@@ -326,3 +326,26 @@ def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_pat
     with pytest.raises(DistilflowError, match="not found"):
         registry.score_csv(tracker, uri, tmp_path / "nope.csv", tmp_path / "out2.csv")
     assert not (tmp_path / "out2.csv").exists()
+
+
+def test_two_promotions_at_once_one_wins_the_other_reports_it(trained, tmp_path):
+    """Two CLI processes promote the same challenger together, through one Prefect API and one store."""
+    from prefect.settings import get_current_settings
+
+    tracker = fresh(tmp_path)
+    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    cmd = [sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml")]
+    procs = [subprocess.Popen(cmd + ["--by", who], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for who in ("alice", "bob")]
+    outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    winners = [o for o in outs if o[0] == 0]
+    losers = [o for o in outs if o[0] != 0]
+    assert len(winners) == 1 and len(losers) == 1, outs
+    assert f"promoted: {NAME} v{v}" in winners[0][1]
+    error = [line for line in losers[0][2].splitlines() if line.startswith("distilflow: error:")]
+    assert len(error) == 1 and ("already decided by another promotion" in error[0] or "no 'challenger'" in error[0])
+    assert losers[0][0] == 1 and "Traceback" not in losers[0][2]
+    assert aliases(tracker) == {CHAMPION: v}
+    trail = registry.audit_trail(tracker, NAME)
+    assert len(trail) == 1 and trail[0]["decision"] == "promoted" and trail[0]["by"] in ("alice", "bob")

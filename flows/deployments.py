@@ -1,0 +1,71 @@
+"""Scheduled deployments: the pipeline nightly, then promotion of its challenger.
+
+Two ways to run them, both with the crons from `params.yaml: schedule`:
+- `python -m distilflow serve`: one long-lived process serves both deployments;
+- `prefect.yaml` + a worker: `prefect work-pool create distilflow --type process`,
+  `prefect deploy --all`, `prefect worker start --pool distilflow`
+  (tests/test_deployments.py checks that prefect.yaml's crons match params.yaml).
+
+The entry points take a params *file* (what a deployment can carry as a
+parameter) and load it at this edge, like the CLI does. Each deployment has a
+concurrency limit of one run, and registration/promotion of one model are
+serialised by flows/registry.py:registry_lock on top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from distilflow.params import Params, load_params
+from distilflow.tracking import resolve_tracking_uri
+
+TRAIN, PROMOTE = "nightly", "promote"
+
+
+def _load(params_file: str, overrides: list[str] | None) -> tuple[Params, Path, str]:
+    params = load_params(params_file, overrides or [])
+    root = Path(params_file).resolve().parent
+    return params, root, resolve_tracking_uri(root)
+
+
+@flow(name="distilflow-scheduled-pipeline", log_prints=True)
+def scheduled_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None,
+                       stop_after: str | None = None) -> dict:
+    """The pipeline, as a deployment runs it: params from a file, tracking from the environment or the embedded store."""
+    from flows.pipeline import pipeline
+
+    params, root, uri = _load(params_file, overrides)
+    return pipeline(params=params, root=str(root), tracking_uri=uri, stop_after=stop_after)
+
+
+@flow(name="distilflow-scheduled-promote", log_prints=True)
+def scheduled_promote(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Promotion of the newest challenger, as a deployment runs it."""
+    from flows.registry import promote
+
+    params, root, uri = _load(params_file, overrides)
+    return promote(params=params, root=str(root), tracking_uri=uri, actor="schedule:promote")
+
+
+def deployments(params: Params, params_file: str) -> list:
+    """The two deployments with the params' crons and a concurrency limit of one run each."""
+    from prefect.schedules import Cron
+
+    common = dict(parameters={"params_file": str(Path(params_file).resolve())}, concurrency_limit=1,
+                  tags=["distilflow", params.data.dataset_name])
+    return [
+        scheduled_pipeline.to_deployment(TRAIN, schedules=[Cron(params.schedule.train_cron, timezone=params.schedule.timezone)],
+                                         description="distilflow pipeline: data → teacher → student → int8 → register",
+                                         **common),
+        scheduled_promote.to_deployment(PROMOTE, schedules=[Cron(params.schedule.promote_cron, timezone=params.schedule.timezone)],
+                                        description="promote the challenger if it passes the gates", **common),
+    ]
+
+
+def serve(params: Params, params_file: str) -> None:
+    """Serve both deployments from this process until interrupted (Prefect's `serve`)."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments(params, params_file))

@@ -143,7 +143,8 @@ def _registry_command(args, params, root: Path, uri: str) -> int:
         rows = audit_trail(Tracker(uri, root), None if args.all else params.registered_model())
         print("at (UTC)            | model | action | version | from | decision | by | reason")
         for r in rows:
-            print(f"{r['at']} | {r['model']} | {r['action']} | v{r['version']} | v{r['from_version']} | "
+            previous = "-" if r["from_version"] in (None, "none") else f"v{r['from_version']}"
+            print(f"{r['at']} | {r['model']} | {r['action']} | v{r['version']} | {previous} | "
                   f"{r['decision'] or '-'} | {r['by']} | {r['reason']}")
         if not rows:
             print("(no promotions or rollbacks yet)")

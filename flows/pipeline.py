@@ -91,13 +91,11 @@ def register(params: Params, layout: Layout, tracker: Tracker, parent, lineage: 
         with tracker.run("", "register", tags={STAGE_TAG: "register", **lineage}, parent=parent) as child:
             result = register_task(tracker, child, params, layout, {**lineage, "parent_run_id": parent.run_id},
                                     summary["compression"], quantize_note)
-    versions = result["versions"]
-    product = versions[result["model"]]
-    state = "unchanged, kept" if versions.get("unchanged") else f"registered as @{CHALLENGER}"
-    print(f"register: {result['model']} version {product} {state}")
-    parent.set_tags({"registered_version": f"{result['model']}/{product}"})
-    return {"model": result["model"], "version": product, "unchanged": bool(versions.get("unchanged")),
-            "versions": {k: v for k, v in versions.items() if k != "unchanged"}}
+    state = "unchanged, kept" if result["unchanged"] else f"registered as @{CHALLENGER}"
+    print(f"register: {result['model']} version {result['product']} {state}")
+    parent.set_tags({"registered_version": f"{result['model']}/{result['product']}"})
+    return {"model": result["model"], "version": result["product"], "unchanged": result["unchanged"],
+            "versions": result["versions"]}
 
 
 @flow(name="distilflow-pipeline", log_prints=True)

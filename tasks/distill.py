@@ -193,7 +193,7 @@ def distill(teacher: Classifier | None, student: Classifier, X_train: np.ndarray
     shuffle = torch.Generator().manual_seed(seed)
     Xtr = torch.as_tensor(X_train, dtype=torch.float32)
     ytr = _labels_within_budget(y_train, params.label_budget, seed)
-    Xva, yva = torch.as_tensor(X_val, dtype=torch.float32), torch.as_tensor(np.asarray(y_val), dtype=torch.long)
+    Xva, yva = torch.as_tensor(X_val, dtype=torch.float32), torch.as_tensor(np.array(y_val), dtype=torch.long)
     t_logits = cache_teacher_logits(teacher, Xtr) if teacher is not None else None
     hint = None
     if params.hint_weight > 0:

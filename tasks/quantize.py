@@ -327,7 +327,7 @@ def qat_finetune(model: nn.Module, X_train: np.ndarray, y_train: np.ndarray, par
         parametrize.register_parametrization(layer, "weight", _WeightFakeQuant())
         hooks.append(layer.register_forward_pre_hook(_ActivationFakeQuant()))
     X = torch.as_tensor(X_train, dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    y = torch.as_tensor(np.array(y_train), dtype=torch.long)
     optimizer = torch.optim.AdamW(qmodel.parameters(), lr=params.qat_lr, weight_decay=0.0)
     for _ in range(params.qat_epochs):
         qmodel.train()

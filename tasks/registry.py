@@ -123,8 +123,10 @@ def require_model(client, name: str) -> None:
 
 
 def register_variants(tracker, run, variants: list[Variant], preprocessor: Path, input_example: pd.DataFrame,
-                      tags: dict[str, str], card: str) -> dict[str, str]:
+                      tags: dict[str, str], card: str) -> dict:
     """Register every variant as a new version, all or nothing; the product's version becomes `challenger`.
+
+    Returns {"versions": {model name: version}, "product": version, "unchanged": bool}.
 
     A version is created only once its files are uploaded; if any step fails,
     the versions this call created are deleted again, so the registry never
@@ -142,7 +144,8 @@ def register_variants(tracker, run, variants: list[Variant], preprocessor: Path,
     except MlflowException:
         existing = []
     if existing and existing[0].tags.get("model_hash") == model_hash:
-        return {product.model_name: str(existing[0].version), "unchanged": "true"}
+        version = str(existing[0].version)
+        return {"versions": {product.model_name: version}, "product": version, "unchanged": True}
 
     created: list[tuple[str, str]] = []
     try:
@@ -165,7 +168,7 @@ def register_variants(tracker, run, variants: list[Variant], preprocessor: Path,
                 created.append((v.model_name, str(mv.version)))
         versions = dict(created)
         client.set_registered_model_alias(product.model_name, CHALLENGER, versions[product.model_name])
-        return versions
+        return {"versions": versions, "product": versions[product.model_name], "unchanged": False}
     except BaseException:
         for name, version in created:
             try:
@@ -514,9 +517,9 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str], table:
     tags = {**lineage, **{f"split_hash.{k}": v for k, v in split["hashes"].items()},
             "parent_run_id": lineage.get("parent_run_id", ""), "compression_recipe": recipe(params),
             "dataset": params.data.dataset_name}
-    versions = register_variants(tracker, run, pipeline_variants(params, layout, table), layout.preprocessor,
-                                 example, tags, card)
-    return {"versions": versions, "model": params.registered_model(), "card": str(layout.model_card)}
+    registered = register_variants(tracker, run, pipeline_variants(params, layout, table), layout.preprocessor,
+                                   example, tags, card)
+    return {**registered, "model": params.registered_model(), "card": str(layout.model_card)}
 
 
 from prefect import task  # noqa: E402

@@ -48,10 +48,10 @@ def register(tracker, trained, classifier, row: str = "student int8", tags: dict
     pre = read_json(layout.preprocessor)
     example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
     with tracker.run("distilflow-test", "register") as run:
-        versions = registry.register_variants(tracker, run, [Variant(name, classifier, rows(trained)[row], "product")],
-                                              layout.preprocessor, example, {**base_tags(trained), **(tags or {})},
-                                              "# card\n")
-    return versions[name]
+        registered = registry.register_variants(tracker, run, [Variant(name, classifier, rows(trained)[row], "product")],
+                                                layout.preprocessor, example, {**base_tags(trained), **(tags or {})},
+                                                "# card\n")
+    return registered["product"]
 
 
 def random_model(trained, out) -> "Path":
@@ -118,6 +118,13 @@ def test_an_unchanged_model_is_not_registered_twice(trained, tmp_path):
     int8 = Layout(trained["root"]).int8("student", "onnx_qdq")
     first = register(tracker, trained, int8)
     assert register(tracker, trained, int8) == first
+    layout = Layout(trained["root"])
+    pre = read_json(layout.preprocessor)
+    example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
+    with tracker.run("distilflow-test", "register") as run:
+        again = registry.register_variants(tracker, run, [Variant(NAME, int8, rows(trained)["student int8"], "product")],
+                                           layout.preprocessor, example, base_tags(trained), "# card\n")
+    assert again == {"versions": {NAME: first}, "product": first, "unchanged": True}
     assert len(tracker.client.search_model_versions(f"name = '{NAME}'")) == 1
 
 

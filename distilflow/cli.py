@@ -122,6 +122,11 @@ def _run(args) -> int:
               f"(student with KD {row['kd']:.4f} vs without {row['no_kd']:.4f})")
     if summary.get("compression"):
         print(f"compression report: {root / 'reports/compression.md'}")
+    if summary.get("registered"):
+        reg = summary["registered"]
+        state = "unchanged since the last run" if reg["unchanged"] else "@challenger"
+        print(f"registered: {reg['model']} version {reg['version']} ({state}); review with `make ui`, "
+              "then `make promote`")
     return 0
 
 

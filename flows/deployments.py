@@ -44,9 +44,14 @@ def scheduled_pipeline(params_file: str = "params.yaml", overrides: list[str] | 
 def scheduled_promote(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Promotion of the newest challenger, as a deployment runs it."""
     from flows.registry import promote
+    from tasks.registry import NoChallenger
 
     params, root, uri = _load(params_file, overrides)
-    return promote(params=params, root=str(root), tracking_uri=uri, actor="schedule:promote")
+    try:
+        return promote(params=params, root=str(root), tracking_uri=uri, actor="schedule:promote")
+    except NoChallenger as exc:  # the night's run found nothing new: not a failure of the schedule
+        print(f"nothing to promote: {exc}")
+        return {"decision": "none", "reasons": str(exc)}
 
 
 def deployments(params: Params, params_file: str) -> list:

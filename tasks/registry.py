@@ -37,6 +37,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 SERVING_PACKAGES = ("mlflow", "numpy", "pandas", "torch", "onnxruntime", "safetensors", "pydantic", "pyyaml")
 
 
+class NoChallenger(DistilflowError):
+    """Nothing to promote: an error for a person asking to promote, a quiet night for the schedule."""
+
+
 @dataclass
 class Variant:
     """One model to register: where its classifier lives and its row of the evaluation table."""
@@ -295,8 +299,8 @@ def promote(tracker, name: str, gates: GateParams, test_split: Path, actor: str 
                     f"challenger version {expected} of {name} was already decided by another promotion "
                     f"({done.tags['promotion.decision']} by {done.tags.get('promotion.by')} at "
                     f"{done.tags.get('promotion.at')}); nothing changed")
-        raise DistilflowError(f"{name} has no '{CHALLENGER}' version to promote: run the pipeline first "
-                              f"(it registers each new model as @{CHALLENGER})")
+        raise NoChallenger(f"{name} has no '{CHALLENGER}' version to promote: run the pipeline first "
+                           f"(it registers each new model as @{CHALLENGER})")
     champion = version_by_alias(client, name, CHAMPION)
     chal = _record(challenger)
     champ = _record(champion) if champion is not None else None

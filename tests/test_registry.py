@@ -228,12 +228,17 @@ def test_worse_challenger_is_rejected_and_champion_kept_then_better_one_promoted
 # ---------------------------------------------------------------------------- bad input: clear error, no change
 
 
-def test_promoting_without_a_challenger_changes_nothing(trained, tmp_path):
+def test_promoting_without_a_challenger_changes_nothing(trained, tmp_path, monkeypatch):
+    from flows.deployments import scheduled_promote
+
     tracker = fresh(tmp_path)
     v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
     promote(tracker, trained)
     with pytest.raises(DistilflowError, match="no 'challenger' version"):
         promote(tracker, trained)
+    # the nightly promotion deployment completes quietly when the night brought nothing new
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    assert scheduled_promote(params_file=str(trained["root"] / "params.yaml"))["decision"] == "none"
     assert aliases(tracker) == {CHAMPION: v} and len(registry.audit_trail(tracker, NAME)) == 1
 
 

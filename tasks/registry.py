@@ -416,9 +416,11 @@ def model_card(name: str, params, lineage: dict[str, str], cleaning: dict, split
     from tasks.data import cleaning_table
 
     product = next((r for r in table if r["variant"] == "student int8"), table[-1])
+    n_classes = len(split["class_counts"]["train"])
     teacher = next((r for r in table if r["variant"] == "teacher fp32"), table[0])
     lines = [f"# {name}", "",
-             f"int8 image/tabular classifier distilled from a fine-tuned teacher by distilflow. Test accuracy "
+             f"{'Image' if params.data.image_shape else 'Tabular'} classifier ({product['variant']}) distilled from a "
+             f"fine-tuned teacher by distilflow. Test accuracy "
              f"{product['accuracy']:.4f} (teacher {teacher['accuracy']:.4f}), {product['file_bytes'] / 1024:.1f} KB, "
              f"{product['latency_b1_median_ms']:.3f} ms per row on CPU. Takes the raw feature columns as a DataFrame; "
              "returns `prediction` and one `prob_<class>` column per class.", "",
@@ -439,9 +441,10 @@ def model_card(name: str, params, lineage: dict[str, str], cleaning: dict, split
     lines += ["", f"Latency: median after warm-up, CPU, {threads} thread(s).", "",
               "## Compression steps", "", f"{recipe}", "", f"int8: {quantize_note}", "",
               "## Intended use and limits", "",
-              f"- For inputs like the training data: {len(cleaning.get('classes', []) or params.data.classes or [])} "
-              f"classes, the same feature columns and value range ({params.data.value_range}). Values outside it "
-              "are not clipped at serving time; missing values are imputed with the train median.",
+              f"- For inputs like the training data: {n_classes} classes, the same feature columns"
+              + (f", values in [{params.data.value_range[0]:g}, {params.data.value_range[1]:g}]" if params.data.value_range else "")
+              + ". Values outside that range are not clipped at serving time; missing values are imputed with the "
+              "train median.",
               "- Accuracy is measured on one frozen test split from the same distribution; it says nothing about "
               "shifted data. Check per-class recall in the compression report before relying on rare classes.",
               "- Latency is this machine's; measure on yours. The student trades accuracy for size and speed: "

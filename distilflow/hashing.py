@@ -21,15 +21,31 @@ def file_md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_MD5_MEMO: dict[tuple, str] = {}
+
+
+def _memo_md5(path: Path) -> str:
+    """file_md5, remembered per (file, inode, size, mtime): the model stages' cache keys re-hash the same splits.
+
+    Our writers replace files atomically (a new inode), so a changed file never
+    matches a remembered key.
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _MD5_MEMO:
+        _MD5_MEMO[key] = file_md5(path)
+    return _MD5_MEMO[key]
+
+
 def path_hash(path: str | Path) -> str:
     """Content hash of a file, or of every file below a folder (names included)."""
     path = Path(path)
     if path.is_file():
-        return file_md5(path)
+        return _memo_md5(path)
     h = hashlib.md5()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         h.update(str(p.relative_to(path)).encode())
-        h.update(file_md5(p).encode())
+        h.update(_memo_md5(p).encode())
     return h.hexdigest()
 
 

@@ -188,15 +188,12 @@ class Tracker:
         """
         import tempfile
 
-        import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
 
-        from tasks.serving import ClassifierModel
+        from tasks.registry import save_served_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(path=str(local), python_model=ClassifierModel(), input_example=input_example,
-                                     artifacts={"classifier": str(model_dir), "preprocessor": str(preprocessor)})
+            local = save_served_model(Path(model_dir), Path(preprocessor), input_example, Path(tmp) / "model")
             self.client.log_artifacts(run.run_id, str(local), "model")
         try:
             self.client.create_registered_model(name)

@@ -262,7 +262,8 @@ def fit(model: Classifier, X_train: np.ndarray, y_train: np.ndarray, X_val: np.n
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip,
+                                             foreach=True)  # one fused kernel, not one per tensor
                 optimizer.step()
                 scheduler.step()
                 seen += len(idx)

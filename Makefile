@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-fast data repro push pull promote ui prefect-server worker serve
+.PHONY: install run test test-fast data repro push pull promote ui prefect-server worker serve bench
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ repro: install data
 push pull: install data
 	@if [ -n "$$DISTILFLOW_DVC_REMOTE" ]; then dvc remote add --local --force --default env "$$DISTILFLOW_DVC_REMOTE"; fi
 	dvc $@
+
+# Benchmarks (bench/README.md): ~25 min on 2 cores; ARGS="--quick" for ~5 min, ARGS="--only training"
+bench: install
+	$(PY) -m bench $(ARGS)
 
 promote: install
 	$(PY) -m distilflow promote $(ARGS)

@@ -1,0 +1,147 @@
+"""1. Compression: int8 student vs fp32 teacher, and int8 vs the best fp32 runtime of the same model.
+
+One setting is a (teacher, student) pair plus the splits they were trained
+on. Every variant is scored on the frozen test split by the project's one
+evaluation harness (`tasks/evaluate.py:evaluate_variant`: accuracy, size on
+disk, parameters), and timed here round-robin at batch 1 and 256 in this one
+process (`bench.common.interleaved_timings`), so the ratios compare runs that
+saw the same machine at the same moments.
+
+fp32 runtimes of the same model: eager PyTorch, `torch.compile` (inductor)
+and ONNX Runtime fp32; the int8 model is ONNX Runtime static QDQ
+(`tasks/quantize.py:quantize_int8`, the pipeline's defaults and remedies).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import check, interleaved_timings
+
+BATCHES = (1, 256)
+
+
+def _compiled_predictor(model: torch.nn.Module):
+    """torch.compile (inductor, CPU); compiled on first call per batch shape (timed apart as compile_s)."""
+    compiled = torch.compile(model.eval())
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return compiled(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).float().numpy()
+
+    return predict
+
+
+def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: Path | None = None,
+            threads: int = 2, repeats: tuple[int, int] = (100, 15), use_compile: bool = True, seed: int = 0) -> dict:
+    """All variants of one setting: accuracy and size from the harness, latency side by side, then the targets.
+
+    `data`: {"train": (X, y), "val": (X, y), "test": (X, y)} as model input (normalised float32).
+    `repeats`: timed calls at batch 1 and at batch 256 (after 3 warm-up rounds).
+    """
+    from distilflow.params import QuantizeParams
+    from tasks.evaluate import evaluate_variant, load_variant
+    from tasks.quantize import OnnxPredictor, export_onnx, quantize_int8
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (Xtr, _), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
+        record: dict = {"setting": name, "threads": threads, "test_rows": int(len(yte))}
+        if int8_path is None:
+            t0 = time.perf_counter()
+            int8_path, qrec = quantize_int8(student, Xtr, Xva, yva, QuantizeParams(), workdir / "quantize",
+                                            out_path=workdir / "student.int8.onnx", seed=seed, threads=threads)
+            record["quantize"] = {"remedy": qrec["remedy"], "reason": qrec["reason"],
+                                  "seconds": time.perf_counter() - t0}
+        files = {"teacher": export_onnx(teacher, Xtr[:2], workdir / "teacher.fp32.onnx"),
+                 "student": export_onnx(student, Xtr[:2], workdir / "student.fp32.onnx")}
+        variants = {"teacher fp32 eager": teacher, "teacher fp32 ORT": files["teacher"],
+                    "student fp32 eager": student, "student fp32 ORT": files["student"], "student int8 ORT": int8_path}
+        rows = {v: evaluate_variant(v, m, Xte, yte, threads=threads, latency_batches=()) for v, m in variants.items()}
+        predictors = {v: (OnnxPredictor(m, threads) if isinstance(m, Path) else load_variant(m, threads)[0])
+                      for v, m in variants.items()}
+        if use_compile:
+            try:
+                t0 = time.perf_counter()
+                fn = _compiled_predictor(student)
+                for bs in BATCHES:
+                    fn(Xte[:bs] if len(Xte) >= bs else np.resize(Xte, (bs, Xte.shape[1])))
+                compiled_acc = float((fn(Xte).argmax(1) == yte).mean())
+                predictors["student fp32 compiled"] = fn
+                rows["student fp32 compiled"] = {**rows["student fp32 eager"], "variant": "student fp32 compiled",
+                                                 "accuracy": compiled_acc, "compile_s": time.perf_counter() - t0}
+            except Exception as exc:  # no C++ toolchain, unsupported op: recorded, not fatal
+                record["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        for bs, reps in zip(BATCHES, repeats):
+            batch = np.ascontiguousarray(np.resize(Xte, (bs, Xte.shape[1])), dtype=np.float32)
+            timings = interleaved_timings({v: (lambda p=p: p(batch)) for v, p in predictors.items()}, reps)
+            for v, t in timings.items():
+                rows[v][f"latency_b{bs}_ms"] = {k: (x * 1e3 if k != "n" else x) for k, x in t.items()}
+    finally:
+        torch.set_num_threads(previous)
+
+    table = [{k: r[k] for k in ("variant", "accuracy", "file_bytes", "parameters") if k in r}
+             | {k: v for k, v in r.items() if k.startswith("latency") or k == "compile_s"} for r in rows.values()]
+    record["variants"] = table
+    record["targets"], record["ratios"] = _targets(name, rows)
+    return record
+
+
+def _best(rows: dict, prefix: str, bs: int) -> tuple[str, float]:
+    """The fastest fp32 runtime of a model at one batch size (name, median ms)."""
+    fp32 = {v: r[f"latency_b{bs}_ms"]["median"] for v, r in rows.items() if v.startswith(prefix) and "fp32" in v}
+    best = min(fp32, key=fp32.get)
+    return best, fp32[best]
+
+
+def _targets(name: str, rows: dict) -> tuple[list[dict], dict]:
+    int8 = rows["student int8 ORT"]
+    teacher, student_eager, student_ort = rows["teacher fp32 eager"], rows["student fp32 eager"], rows["student fp32 ORT"]
+    ratios, targets = {}, []
+    size_vs_teacher = teacher["file_bytes"] / int8["file_bytes"]
+    targets.append(check(f"compression.{name}.size_vs_teacher", f"{name}: fp32 teacher size / int8 student size",
+                         size_vs_teacher, ">=", 50))
+    for bs in BATCHES:
+        best_t, t_ms = _best(rows, "teacher", bs)
+        speed = t_ms / int8[f"latency_b{bs}_ms"]["median"]
+        ratios[f"speed_vs_teacher_b{bs}"] = {"vs": best_t, "ratio": speed,
+                                             "vs_eager": teacher[f"latency_b{bs}_ms"]["median"] / int8[f"latency_b{bs}_ms"]["median"]}
+        targets.append(check(f"compression.{name}.speed_vs_teacher_b{bs}",
+                             f"{name}: fastest fp32 teacher ({best_t}) / int8 student latency, batch {bs}", speed, ">=", 10))
+    targets.append(check(f"compression.{name}.drop_vs_teacher", f"{name}: accuracy drop, fp32 teacher → int8 student",
+                         100 * (teacher["accuracy"] - int8["accuracy"]), "<=", 1.0, unit="pts"))
+    for bs in BATCHES:
+        best_s, s_ms = _best(rows, "student", bs)
+        speed = s_ms / int8[f"latency_b{bs}_ms"]["median"]
+        ratios[f"speed_vs_same_b{bs}"] = {"vs": best_s, "ratio": speed}
+        targets.append(check(f"compression.{name}.speed_vs_same_b{bs}",
+                             f"{name}: fastest fp32 runtime of the student ({best_s}) / int8, batch {bs}", speed, ">=", 2))
+    # same format on both sides: the fp32 ONNX file against the int8 ONNX file
+    targets.append(check(f"compression.{name}.size_vs_same", f"{name}: student fp32 ONNX size / int8 ONNX size",
+                         student_ort["file_bytes"] / int8["file_bytes"], ">=", 3.6,
+                         note=f"fp32 state_dict {student_eager['file_bytes']:,} B, fp32 ONNX {student_ort['file_bytes']:,} B, "
+                              f"int8 ONNX {int8['file_bytes']:,} B, {student_eager['parameters']:,} parameters"))
+    targets.append(check(f"compression.{name}.drop_vs_same", f"{name}: accuracy drop, fp32 student → int8 student",
+                         100 * (student_eager["accuracy"] - int8["accuracy"]), "<=", 0.3, unit="pts"))
+    ratios["size_vs_teacher"] = size_vs_teacher
+    return targets, ratios
+
+
+def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:
+    """A setting from a pipeline project's artifacts (teacher/, student/, student.int8.onnx)."""
+    from distilflow.layout import Layout
+    from tasks.backbones import load_classifier
+    from tasks.finetune import load_splits
+
+    layout = Layout(root)
+    pre, data = load_splits(layout)
+    teacher, _ = load_classifier(layout.teacher, len(pre["classes"]))
+    student, _ = load_classifier(layout.student, len(pre["classes"]))
+    int8 = layout.int8("student", "onnx_qdq")
+    return compare(name, teacher.eval(), student.eval(), data, workdir, int8 if int8.exists() else None, **kw)

@@ -1,0 +1,364 @@
+"""3. Orchestration overhead and 4. caching: the demo pipeline through Prefect + MLflow vs plain functions.
+
+Both sides run the same stage functions on the same data and params, each in
+a fresh child process on a fresh project folder, alternately, so the ratio
+compares like with like. The Prefect side is `flows/pipeline.py:pipeline`,
+called as `python -m distilflow run` calls it; the plain side calls the
+`*_stage` functions in the flow's order (`plain_pipeline` below), with the
+pretrained backbone passed as a file instead of through the MLflow registry.
+
+The child processes time themselves (`Stopwatch` wrappers around the stage
+functions, the Prefect API start, MLflow calls and the task wrapper), so the
+overhead is broken down, not just totalled. The wrappers only time; they
+change no behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Stopwatch, check, ratio, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_FUNCS = {
+    "tasks.data": ["ingest_stage", "clean_stage", "split_stage", "normalize_stage"],
+    "tasks.finetune": ["pretrain_stage", "finetune_stage", "transfer_gain_stage"],
+    "tasks.distill": ["distill_stage"],
+    "tasks.prune": ["prune_stage"],
+    "tasks.quantize": ["quantize_stage"],
+    "tasks.evaluate": ["evaluate_stage"],
+}
+CHANGE = "distill.temperature=2.0"  # the one-param change of the caching benchmark
+QUICK_OVERRIDES = ["train.epochs=3", "transfer.epochs=3", "distill.epochs=3", "pretrain.train.epochs=1",
+                   "evaluate.repeats=5"]
+
+
+def make_project(root: Path) -> Path:
+    """A fresh project: the repo's params.yaml and the demo digits CSV, nothing else."""
+    from tasks.data import export_digits
+
+    (root / "data/raw").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    export_digits(root / "data/raw/digits.csv")
+    return root
+
+
+# ---------------------------------------------------------------------------- the plain-functions side
+
+
+def plain_pipeline(params, root: Path) -> list[str]:
+    """The pipeline's computation as plain function calls, in the flow's order; returns the stages run."""
+    from distilflow.layout import Layout
+    from tasks import data, distill, evaluate, finetune, prune, quantize
+
+    layout = Layout(root)
+    ran = []
+    data.ingest_stage(layout.resolve(params.data.source), layout.ingested, params.data)
+    data.clean_stage(layout.ingested, layout.cleaned, layout.cleaning_report, params.clean, params.data,
+                     params.split.n_parts)
+    data.split_stage(layout.cleaned, layout.split_dir, layout.split_report, params.split, params.seed)
+    data.normalize_stage(layout.split("train"), layout.preprocessor, params.normalize.method, params.data.image_shape)
+    ran += ["ingest", "clean", "split", "normalize"]
+    backbone, source_version = params.backbone, None
+    if backbone.spec.startswith(f"mlflow:models:/{params.pretrain.registered_model}@"):
+        # the demo's backbone: pretrain it as the pretrain flow does, then hand it over as a file
+        finetune.pretrain_stage(layout, params.pretrain, params.seed)
+        pb = params.pretrain.backbone
+        backbone = backbone.model_copy(update={
+            "spec": f"file:{layout.pretrained / 'classifier/model.safetensors'}", "arch": pb.spec,
+            "width": pb.width, "depth": pb.depth, "input_size": (28, 28)})
+        source_version, ran = "plain", ran + ["pretrain"]
+    common = dict(backbone=backbone, train=params.train, seed=params.seed, image_shape=params.data.image_shape,
+                  tracking_uri=None)
+    finetune.finetune_stage(layout, source_version=source_version, **common)
+    ran.append("finetune")
+    if params.transfer.enabled and source_version is not None:
+        finetune.transfer_gain_stage(layout, transfer=params.transfer, **common)
+        ran.append("transfer_gain")
+    if params.distill.enabled:
+        distill.distill_stage(layout, params.distill, params.seed)
+        variants = {"teacher fp32": layout.teacher, "student fp32 (KD)": layout.student,
+                    "student fp32 (no KD)": layout.student_nokd}
+        source, ran = layout.student, ran + ["distill"]
+        if params.prune.enabled:
+            prune.prune_stage(layout, params.prune, params.distill, params.seed)
+            variants["student pruned fp32"] = source = layout.student_pruned
+            ran.append("prune")
+        if params.quantize.enabled:
+            info = quantize.quantize_stage(layout, params.quantize, source, params.seed, params.evaluate.threads)
+            variants["student int8"] = layout.int8("student", params.quantize.backend)
+            if "error" not in info["teacher"]:
+                variants["teacher int8"] = layout.int8("teacher", params.quantize.backend)
+            ran.append("quantize")
+        evaluate.evaluate_stage(layout, variants, params.evaluate.threads, params.evaluate.repeats, [])
+        ran.append("evaluate")
+    return ran
+
+
+# ---------------------------------------------------------------------------- child processes
+
+
+def _instrument_stages(sw: Stopwatch) -> None:
+    import importlib
+
+    for module, names in STAGE_FUNCS.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            if hasattr(mod, name):
+                sw.wrap(mod, name, f"stage.{name.removesuffix('_stage')}")
+
+
+def _child_plain(root: Path, overrides: list[str]) -> dict:
+    sw = Stopwatch()
+    with sw("import"):
+        from distilflow.params import load_params
+        import tasks.data, tasks.distill, tasks.evaluate, tasks.finetune, tasks.quantize  # noqa: E401,F401
+    _instrument_stages(sw)
+    params = load_params(root / "params.yaml", overrides)
+    with sw("pipeline"):
+        ran = plain_pipeline(params, root)
+    return {"stages": dict.fromkeys(ran, "ran"), "timings": sw.totals, "counts": sw.counts}
+
+
+def _child_prefect(root: Path, overrides: list[str]) -> dict:
+    """The flow as `python -m distilflow run` runs it, with timers around where the time goes."""
+    from distilflow import cli
+
+    cli._quiet_environment()
+    sw = Stopwatch()
+    with sw("import.prefect"):
+        import prefect  # noqa: F401
+        from prefect.server.api import server as prefect_server
+    with sw("import.mlflow"):
+        import mlflow  # noqa: F401
+        from mlflow.tracking import MlflowClient  # noqa: F401
+    # before the tasks are defined: their decorators capture the cache-key function
+    import distilflow.caching as caching
+    sw.wrap(caching, "content_cache_key", "prefect.cache_key")
+    with sw("import.project"):
+        import flows.pipeline as fp
+        import flows.pretrain as fpre
+        from distilflow.params import load_params
+        from distilflow.tracking import Run, Tracker, default_tracking_uri
+    _instrument_stages(sw)
+    sw.wrap(prefect_server.SubprocessASGIServer, "start", "prefect.api_start")
+    for attr in ("__init__", "experiment_id", "model_version"):
+        sw.wrap(Tracker, attr, f"mlflow.{'store_init' if attr == '__init__' else attr}")
+    sw.wrap(Tracker, "log_stage", "mlflow.log_stage")
+    sw.wrap(Tracker, "register_classifier", "mlflow.register_model")
+    for attr in ("log_params", "log_metrics", "log_dict", "log_artifact", "set_tags"):
+        sw.wrap(Run, attr, "mlflow.parent_logging")
+    for mod in (fp, fpre):
+        sw.wrap(mod, "run_stage", "prefect.task_run")  # task call + result, stage compute inside
+        sw.wrap(mod, "git_commit", "lineage.git_commit")
+    sw.wrap(fp, "ensure_backbone", "ensure_backbone")
+    if hasattr(fp, "register"):  # the register stage: MLflow registry work the plain side has no counterpart for
+        sw.wrap(fp, "register", "mlflow.register_stage")
+    cli._install_log_filter()
+    params = load_params(root / "params.yaml", overrides)
+    with sw("pipeline"):
+        summary = fp.pipeline(params=params, root=str(root), tracking_uri=default_tracking_uri(root))
+    return {"stages": summary["stages"], "timings": sw.totals, "counts": sw.counts}
+
+
+def run_child(kind: str, root: Path, overrides: list[str], env: dict) -> dict:
+    """One pipeline run in a fresh process; wall time from spawn to exit, plus its own breakdown."""
+    out = root.parent / f"{root.name}-{kind}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "bench.orchestration", "--child", kind, "--root", str(root), "--out", str(out)]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    load_before = os.getloadavg()[0]
+    cpu0 = _children_cpu_s()
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    cpu = _children_cpu_s() - cpu0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} pipeline run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    record = json.loads(out.read_text())
+    record["wall_s"] = wall
+    # CPU seconds of the child and everything it waited for (the temporary API server included):
+    # a cross-check on wall time that other processes on the machine disturb less
+    record["cpu_s"] = cpu
+    record["load_avg_1min"] = [load_before, os.getloadavg()[0]]
+    record["startup_s"] = record.pop("t_main") - t0  # interpreter + site start before our first line
+    record["teardown_s"] = t0 + wall - record.pop("t_end")  # atexit: the temporary Prefect server stops here
+    return record
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _env(prefect_home: Path, api_url: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true",
+               MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def breakdown(prefect: dict, plain: dict) -> dict:
+    """Where the Prefect run's extra seconds go, from the two runs' own timers (seconds)."""
+    t = prefect["timings"]
+    stage_compute = sum(v for k, v in t.items() if k.startswith("stage."))
+    plain_compute = sum(v for k, v in plain["timings"].items() if k.startswith("stage."))
+    in_task = t.get("prefect.task_run", 0.0) - stage_compute
+    mlflow_s = sum(v for k, v in t.items() if k.startswith("mlflow."))
+    parts = {
+        "process start (interpreter)": prefect["startup_s"] - plain["startup_s"],
+        "imports (prefect, mlflow, project)": (t.get("import.prefect", 0) + t.get("import.mlflow", 0)
+                                               + t.get("import.project", 0)) - plain["timings"].get("import", 0),
+        "Prefect API start (temporary server)": t.get("prefect.api_start", 0.0),
+        "Prefect task bookkeeping (task runs, states, result persistence, cache keys)": in_task,
+        "  of which cache-key hashing": t.get("prefect.cache_key", 0.0),
+        "MLflow store init + experiment": t.get("mlflow.store_init", 0) + t.get("mlflow.experiment_id", 0),
+        "MLflow logging (parent + one child run per stage)": t.get("mlflow.log_stage", 0) + t.get("mlflow.parent_logging", 0),
+        "MLflow registry: pretrained backbone (pyfunc save + register + look-up)": t.get("mlflow.register_model", 0)
+        + t.get("mlflow.model_version", 0),
+        "MLflow registry: register stage (model card, 3 pyfunc models, lock)": t.get("mlflow.register_stage", 0.0),
+        "git lineage (git rev-parse/status)": t.get("lineage.git_commit", 0.0),
+        "process exit (temporary server shutdown)": prefect["teardown_s"] - plain["teardown_s"],
+        "stage compute difference (noise + in-stage extras)": stage_compute - plain_compute,
+    }
+    accounted = sum(v for k, v in parts.items() if not k.startswith("  "))
+    parts["flow engine, logging, other (remainder)"] = (prefect["wall_s"] - plain["wall_s"]) - accounted
+    parts["mlflow total"] = mlflow_s
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def _start_server(prefect_home: Path, port: int) -> tuple[subprocess.Popen, float]:
+    """A long-running Prefect server (what `prefect server start` gives a team), for the reuse measurement."""
+    import urllib.request
+
+    env = _env(prefect_home)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
+            return proc, time.time() - t0
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("prefect server exited during start")
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("prefect server did not become healthy in 120 s")
+
+
+def run(repeats: int = 2, quick: bool = False, overrides: list[str] | None = None, workdir: Path | None = None,
+        reuse_server: bool = True, keep: Path | None = None) -> dict:
+    """Cold Prefect vs plain (alternating), then a warm re-run, a one-param change, and a reused server.
+
+    `keep`: copy the last plain project there (its artifacts feed the compression benchmark).
+    """
+    overrides = list(overrides or []) + (QUICK_OVERRIDES if quick else [])
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="bench-orch-"))
+    home = tmp / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = _env(home)
+    # the first start of a new Prefect home migrates its database: a one-time cost, measured apart
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", "from prefect import flow\n@flow\ndef noop(): pass\nnoop()"],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    first_start = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"Prefect home warm-up failed:\n{proc.stderr[-2000:]}")
+    plain_runs, prefect_runs = [], []
+    for i in range(repeats):
+        plain_runs.append(run_child("plain", make_project(tmp / f"plain{i}"), overrides, env))
+        prefect_runs.append(run_child("prefect", make_project(tmp / f"prefect{i}"), overrides, env))
+        print(f"  orchestration pair {i + 1}/{repeats}: plain {plain_runs[-1]['wall_s']:.1f} s, "
+              f"prefect {prefect_runs[-1]['wall_s']:.1f} s", flush=True)
+    cold_root = tmp / f"prefect{repeats - 1}"
+    if keep is not None:  # the real pipeline's artifacts, before the param change below overwrites the student
+        shutil.copytree(cold_root, keep, dirs_exist_ok=True)
+    warm = run_child("prefect", cold_root, overrides, env)
+    changed = run_child("prefect", cold_root, overrides + [CHANGE], env)
+    print(f"  caching: warm {warm['wall_s']:.1f} s, one param changed {changed['wall_s']:.1f} s", flush=True)
+    reused = None
+    if reuse_server:
+        server, server_start = _start_server(home, 4299)
+        try:
+            # same params as the run before it, so every stage's outputs on disk are its cached ones
+            reused = run_child("prefect", cold_root, overrides + [CHANGE], _env(home, "http://127.0.0.1:4299/api"))
+            reused["server_start_s"] = server_start
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(f"  caching: warm on a running server {reused['wall_s']:.1f} s", flush=True)
+
+    plain_wall = summarize([r["wall_s"] for r in plain_runs])
+    prefect_wall = summarize([r["wall_s"] for r in prefect_runs])
+    overhead = ratio(prefect_wall, plain_wall)
+    overhead_cpu = ratio(summarize([r["cpu_s"] for r in prefect_runs]), summarize([r["cpu_s"] for r in plain_runs]))
+    cold_cpu = summarize([r["cpu_s"] for r in prefect_runs])
+    # the breakdown comes from the pair whose stage compute agrees best, i.e. the one a busy machine disturbed least
+    def compute_gap(i: int) -> float:
+        stage = lambda r: sum(v for k, v in r["timings"].items() if k.startswith("stage."))  # noqa: E731
+        return abs(stage(prefect_runs[i]) - stage(plain_runs[i]))
+    best_pair = min(range(repeats), key=compute_gap)
+    # a distill param invalidates distill and every stage after it in the flow, nothing before
+    order = list(changed["stages"])
+    expected_rerun = set(order[order.index("distill"):])
+    reran = {k for k, v in changed["stages"].items() if v == "ran"}
+    targets = [
+        check("orchestration.overhead", "Prefect + MLflow pipeline wall time / plain functions (cold, fresh project)",
+              overhead["median"], "<=", 1.15, note=f"CPU time ratio {overhead_cpu['median']:.2f}×"),
+        check("caching.warm", "warm re-run, nothing changed / cold run (wall time, cold = median)",
+              warm["wall_s"] / prefect_wall["median"], "<=", 0.10, unit="",
+              note=f"CPU-time ratio {warm['cpu_s'] / cold_cpu['median']:.3f}"),
+        check("caching.downstream_only", "after distill.temperature changes, stages rerun that should not "
+              f"(expected exactly {sorted(expected_rerun)})", len(reran ^ expected_rerun), "<=", 0, unit=""),
+    ]
+    if reused is not None:
+        targets.append(check("caching.warm_running_server", "warm re-run on an already running Prefect server / "
+                             "cold run (wall time, cold = median)", reused["wall_s"] / prefect_wall["median"], "<=", 0.10,
+                             unit="", note=f"CPU-time ratio {reused['cpu_s'] / cold_cpu['median']:.3f}"))
+    return {
+        "setting": "demo pipeline (digits, MNIST-pretrained CNN teacher, KD student, int8), params.yaml"
+                   + (f" with {' '.join(overrides)}" if overrides else " as committed")
+                   + "; each run a fresh child process; cold = fresh project folder and MLflow store; Prefect's "
+                     "temporary API server (no PREFECT_API_URL) unless noted",
+        "overrides": overrides,
+        "prefect_home_first_start_s": first_start,
+        "plain_wall_s": plain_wall, "prefect_wall_s": prefect_wall, "overhead_ratio": overhead,
+        "overhead_ratio_cpu": overhead_cpu,
+        "breakdown_pair": best_pair + 1,
+        "breakdown_s": breakdown(prefect_runs[best_pair], plain_runs[best_pair]),
+        "prefect_cpu_s": cold_cpu, "plain_cpu_s": summarize([r["cpu_s"] for r in plain_runs]),
+        "runs": {"plain": plain_runs, "prefect_cold": prefect_runs, "prefect_warm": warm,
+                 "prefect_param_change": changed, "prefect_warm_running_server": reused},
+        "param_change": {"override": CHANGE, "expected": sorted(expected_rerun), "stages": changed["stages"], "reran": sorted(reran)},
+        "targets": targets,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="(internal) one pipeline run in a child process")
+    parser.add_argument("--child", choices=["plain", "prefect"], required=True)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    t_main = time.time()
+    record = (_child_plain if args.child == "plain" else _child_prefect)(args.root, args.overrides)
+    record["t_main"], record["t_end"] = t_main, time.time()
+    args.out.write_text(json.dumps(record, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""6. Training throughput: `tasks/finetune.py:fit` against a bare PyTorch loop, same model and data.
+
+The bare loop is the floor any trainer pays: forward, cross-entropy,
+backward, AdamW step, over shuffled mini-batches. `fit` adds what the
+project asks of it (discriminative LR groups, warmup-cosine schedule,
+gradient clipping, running loss/accuracy, a validation pass per epoch, best
+weights). Both start from the same initial weights and run alternately,
+`repeats` times each, in this process. Two ratios are reported: the training
+loop alone (fit's own per-epoch samples/s, which excludes validation) and the
+whole `fit` call per trained sample, validation included.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from bench.common import check, summarize
+
+
+def bare_loop(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float,
+              seed: int) -> float:
+    """Plain mini-batch AdamW training; returns training samples per second."""
+    torch.manual_seed(seed)
+    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.long)  # copies: pandas hands out read-only arrays
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(Xt))
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(Xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return epochs * len(Xt) / (time.perf_counter() - t0)
+
+
+def compare_fit(name: str, model: torch.nn.Module, data: dict, epochs: int, repeats: int, image_shape,
+                batch_size: int = 64, seed: int = 0) -> dict:
+    """`repeats` back-to-back pairs (fit, then the bare loop) after one warm-up pair; ratios taken per pair.
+
+    A ratio per pair, then the median over pairs: a slow spell of the machine
+    that spans a pair cancels out, which comparing two medians would not do.
+    CPU time (all threads of this process) is the cross-check that other
+    processes on the machine disturb least.
+    """
+    from distilflow.params import TrainParams
+    from tasks.finetune import fit
+
+    (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
+    cfg = TrainParams(epochs=epochs, batch_size=batch_size, patience=epochs, device="cpu")
+    initial = copy.deepcopy(model.state_dict())
+    pairs = []
+    for r in range(repeats + 1):  # pair 0 warms up both
+        model.load_state_dict(initial)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fit(model, Xtr, ytr, Xva, yva, cfg, seed, image_shape, desc="bench")
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        model.load_state_dict(initial)
+        c1 = time.process_time()
+        bare = bare_loop(model, Xtr, ytr, epochs, batch_size, cfg.lr, seed)
+        bare_cpu = time.process_time() - c1
+        if r == 0:
+            continue
+        pairs.append({"fit loop": float(np.median([h["samples_per_s"] for h in result.history])),
+                      "fit end-to-end": epochs * len(Xtr) / wall, "bare loop": bare,
+                      "fit end-to-end (CPU time)": epochs * len(Xtr) / cpu,
+                      "bare loop (CPU time)": epochs * len(Xtr) / bare_cpu})
+    stats = {k: summarize([p[k] for p in pairs]) for k in pairs[0]}
+    loop_ratio = summarize([p["fit loop"] / p["bare loop"] for p in pairs])
+    e2e_ratio = summarize([p["fit end-to-end"] / p["bare loop"] for p in pairs])
+    cpu_ratio = summarize([p["fit end-to-end (CPU time)"] / p["bare loop (CPU time)"] for p in pairs])
+    return {
+        "model": name, "parameters": sum(p.numel() for p in model.parameters()), "train_rows": int(len(ytr)),
+        "val_rows": int(len(yva)), "epochs": epochs, "batch_size": batch_size, "samples_per_s": stats,
+        "pairs": pairs, "ratio_loop": loop_ratio, "ratio_end_to_end": e2e_ratio, "ratio_end_to_end_cpu": cpu_ratio,
+        "targets": [
+            check(f"training.{name}.loop", f"{name}: fit() training-loop samples/s / bare PyTorch loop",
+                  loop_ratio["median"], ">=", 0.95),
+            check(f"training.{name}.end_to_end", f"{name}: fit() end-to-end samples/s (incl. per-epoch validation) "
+                  "/ bare PyTorch loop", e2e_ratio["median"], ">=", 0.95,
+                  note=f"validation is {len(yva)} rows per epoch against {len(ytr)} trained; "
+                       f"CPU-time ratio {cpu_ratio['median']:.2f}×"),
+        ],
+    }
+
+
+def run(epochs: int = 2, repeats: int = 5, resnet: bool = True) -> dict:
+    """On digits: `cnn` = the demo teacher's family (width 32, depth 4, 8×8 resized to 28×28);
+    `resnet18` = the 11M-parameter ResNet-18 layout at the native 8×8."""
+    from distilflow.params import BackboneParams
+    from tasks.backbones import load_backbone
+    from bench.quality import digits_splits
+
+    torch.set_num_threads(2)
+    data = digits_splits()
+    models = {"cnn": BackboneParams(spec="builtin:cnn", width=32, depth=4, input_size=(28, 28)),
+              "resnet18": BackboneParams(spec="builtin:resnet18")}
+    results = []
+    for name, bp in list(models.items())[: 2 if resnet else 1]:
+        torch.manual_seed(0)
+        model, _ = load_backbone(bp, (8, 8, 1), 64, 10)
+        results.append(compare_fit(name, model, data, epochs, repeats, (8, 8, 1)))
+        r = results[-1]
+        print(f"  training {name}: fit loop {r['ratio_loop']['median']:.3f}×, end-to-end "
+              f"{r['ratio_end_to_end']['median']:.3f}× of the bare loop", flush=True)
+    cuda = torch.cuda.is_available()
+    return {"setting": f"sklearn digits train split ({len(data['train'][1])} rows), batch 64, {epochs} epochs per "
+                       f"run, {repeats} back-to-back pairs after one warm-up pair (ratio per pair, median over "
+                       f"pairs), torch threads {torch.get_num_threads()}, CPU",
+            "cuda": ("measured" if cuda else "not measured: no GPU in this session (the CUDA path, bf16 autocast "
+                     "and pinned memory, is untested here)"),
+            "models": results, "targets": [t for r in results for t in r["targets"]]}

@@ -46,13 +46,14 @@ def test_torch_and_onnx_variants_are_measured_the_same_way(tmp_path):
     model = _identity_model()
     onnx_path = export_onnx(model, _one_hot_rows(), tmp_path / "identity.onnx", dynamo=False)
     X = _one_hot_rows()
+    torch.set_num_threads(2)  # the caller's count, which the harness must give back after measuring at 1
     torch_row = evaluate_variant("torch", model, X, Y_TRUE, threads=1, repeats=3)
     onnx_row = evaluate_variant("onnx", onnx_path, X, Y_TRUE, threads=1, repeats=3)
     _check_metrics(torch_row)
     _check_metrics(onnx_row)
     assert onnx_row["file_bytes"] == onnx_path.stat().st_size
     assert torch_row["kind"] == "torch" and onnx_row["kind"] == "onnx"
-    assert torch.get_num_threads() == 1  # the harness restores the caller's thread count
+    assert torch.get_num_threads() == 2  # the harness restores the caller's thread count
 
 
 def test_torchscript_files_are_a_variant_too(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -35,11 +35,15 @@ def _file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         deadline = time.monotonic() + timeout_s
+        waiting = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not waiting:
+                    print(f"waiting for {what}: another registration or promotion holds it", flush=True)
+                    waiting = True
                 if time.monotonic() > deadline:
                     raise DistilflowError(f"{what} is busy: another registration or promotion still holds it after "
                                           f"{timeout_s:.0f} s (registry.lock_timeout_s)") from None
@@ -67,13 +71,17 @@ def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[No
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
                 pass  # another process created it first
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with ExitStack() as held:
+        try:
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
+        except TimeoutError:
+            raise DistilflowError(f"registered model {model} is busy: another registration or promotion held the "
+                                  f"Prefect concurrency limit {name!r} for more than {timeout_s:.0f} s "
+                                  "(registry.lock_timeout_s)") from None
         if tracker.uri.startswith("sqlite:///"):
             db = Path(tracker.uri.removeprefix("sqlite:///"))
-            with _file_lock(db.with_name(db.name + f".{name}.lock"), timeout_s, f"registered model {model}"):
-                yield
-        else:
-            yield
+            held.enter_context(_file_lock(db.with_name(db.name + f".{name}.lock"), timeout_s, f"registered model {model}"))
+        yield
 
 
 @flow(name="distilflow-promote", log_prints=True)

@@ -147,11 +147,13 @@ def register_variants(tracker, run, variants: list[Variant], preprocessor: Path,
                                                 max_results=1)
     except MlflowException:
         existing = []
-    if existing and existing[0].tags.get("model_hash") == model_hash:
+    if existing and existing[0].tags.get("model_hash") == model_hash and \
+            existing[0].tags.get("registration") == "complete":
         version = str(existing[0].version)
         return {"versions": {product.model_name: version}, "product": version, "unchanged": True}
 
     created: list[tuple[str, str]] = []
+    new_models: list[str] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for v in variants:
@@ -161,10 +163,13 @@ def register_variants(tracker, run, variants: list[Variant], preprocessor: Path,
                 try:
                     client.create_registered_model(v.model_name, description="distilflow: raw feature columns in, "
                                                    "class and class probabilities out")
+                    new_models.append(v.model_name)
                 except MlflowException:
                     pass  # already registered
+                # "pending" until every variant and the alias are in place: a version that a killed process
+                # leaves behind never claims to be complete
                 version_tags = {**tags, **headline(v.metrics), "role": v.role, "variant": str(v.metrics["variant"]),
-                                "registration": "complete"}
+                                "registration": "pending"}
                 if v is product:
                     version_tags["model_hash"] = model_hash
                 mv = client.create_model_version(v.model_name, f"{run.artifact_uri}/{artifact_path}", run_id=run.run_id,
@@ -172,14 +177,33 @@ def register_variants(tracker, run, variants: list[Variant], preprocessor: Path,
                 created.append((v.model_name, str(mv.version)))
         versions = dict(created)
         client.set_registered_model_alias(product.model_name, CHALLENGER, versions[product.model_name])
+        for name, version in created:
+            client.set_model_version_tag(name, version, "registration", "complete")
         return {"versions": versions, "product": versions[product.model_name], "unchanged": False}
     except BaseException:
-        for name, version in created:
-            try:
-                client.delete_model_version(name, version)
-            except Exception:  # noqa: BLE001 - best effort; the original error is what the user needs
-                pass
+        _undo_registration(client, created, new_models, product.model_name)
         raise
+
+
+def _undo_registration(client, created: list[tuple[str, str]], new_models: list[str], product_name: str) -> None:
+    """Delete what a failed registration created; whatever cannot be deleted is tagged `registration=failed`."""
+    for name, version in created:
+        try:
+            if (alias := version_by_alias(client, product_name, CHALLENGER)) is not None and \
+                    (name, str(alias.version)) == (product_name, version):
+                client.delete_registered_model_alias(product_name, CHALLENGER)
+            client.delete_model_version(name, version)
+        except Exception:  # noqa: BLE001 - best effort; the original error is what the user needs
+            try:
+                client.set_model_version_tag(name, version, "registration", "failed")
+            except Exception:  # noqa: BLE001
+                pass
+    for name in new_models:  # a model this call created, left without versions, would look registered
+        try:
+            if not client.search_model_versions(f"name = '{name}'"):
+                client.delete_registered_model(name)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 # ---------------------------------------------------------------------------- promotion
@@ -287,20 +311,31 @@ def promote(tracker, name: str, gates: GateParams, test_split: Path, actor: str 
     lock: if another promotion decided it meanwhile, this one reports that and
     changes nothing.
     """
+    from mlflow.exceptions import MlflowException
+
     client = tracker.client
     actor = actor or getpass.getuser()
     require_model(client, name)
     challenger = version_by_alias(client, name, CHALLENGER)
-    if challenger is None or (expected and str(challenger.version) != str(expected)):
-        if expected:
+    if expected and (challenger is None or str(challenger.version) != str(expected)):
+        # what this caller saw moved while it waited for the lock: report another promotion's decision; a newer
+        # challenger that a registration put there meanwhile is gated as usual
+        try:
             done = client.get_model_version(name, expected)
-            if "promotion.decision" in done.tags:
-                raise DistilflowError(
-                    f"challenger version {expected} of {name} was already decided by another promotion "
-                    f"({done.tags['promotion.decision']} by {done.tags.get('promotion.by')} at "
-                    f"{done.tags.get('promotion.at')}); nothing changed")
+        except MlflowException:
+            done = None
+        if done is not None and "promotion.decision" in done.tags:
+            raise DistilflowError(
+                f"challenger version {expected} of {name} was already decided by another promotion "
+                f"({done.tags['promotion.decision']} by {done.tags.get('promotion.by')} at "
+                f"{done.tags.get('promotion.at')}); nothing changed")
+    if challenger is None:
         raise NoChallenger(f"{name} has no '{CHALLENGER}' version to promote: run the pipeline first "
                            f"(it registers each new model as @{CHALLENGER})")
+    if challenger.tags.get("registration", "complete") != "complete":
+        raise DistilflowError(f"challenger v{challenger.version} of {name} is marked registration="
+                              f"{challenger.tags['registration']}: its registration did not finish; run the pipeline "
+                              "again to register a complete version; nothing changed")
     champion = version_by_alias(client, name, CHAMPION)
     chal = _record(challenger)
     champ = _record(champion) if champion is not None else None

@@ -143,7 +143,27 @@ def test_registration_is_all_or_nothing(trained, tmp_path):
             registry.register_variants(tracker, run, variants, layout.preprocessor, example, base_tags(trained), "# c\n")
     for name in (NAME, f"{NAME}-teacher", f"{NAME}-student"):
         assert tracker.client.search_model_versions(f"name = '{name}'") == []
-    assert registry.version_by_alias(tracker.client, NAME, CHALLENGER) is None
+        # the models this first registration created are gone too, so nothing looks registered
+        assert tracker.client.search_registered_models(f"name = '{name}'") == []
+    with pytest.raises(DistilflowError, match="unknown registered model"):
+        registry.require_model(tracker.client, NAME)
+
+
+def test_an_unfinished_registration_is_neither_promoted_nor_taken_for_a_finished_one(trained, tmp_path):
+    tracker = fresh(tmp_path)
+    int8 = Layout(trained["root"]).int8("student", "onnx_qdq")
+    v = register(tracker, trained, int8)
+    assert tracker.client.get_model_version(NAME, v).tags["registration"] == "complete"
+    # what a process killed between creating the version and finishing the registration leaves behind
+    tracker.client.set_model_version_tag(NAME, v, "registration", "pending")
+    with pytest.raises(DistilflowError, match=f"challenger v{v} of {NAME} is marked registration=pending"):
+        promote(tracker, trained)
+    assert aliases(tracker) == {CHALLENGER: v}
+    assert "promotion.decision" not in tracker.client.get_model_version(NAME, v).tags
+    # the same model registered again is a new, complete version, not "unchanged"
+    v2 = register(tracker, trained, int8)
+    assert v2 != v and tracker.client.get_model_version(NAME, v2).tags["registration"] == "complete"
+    assert aliases(tracker) == {CHALLENGER: v2}
 
 
 # ---------------------------------------------------------------------------- gates
@@ -361,3 +381,99 @@ def test_two_promotions_at_once_one_wins_the_other_reports_it(trained, tmp_path)
     assert aliases(tracker) == {CHAMPION: v}
     trail = registry.audit_trail(tracker, NAME)
     assert len(trail) == 1 and trail[0]["decision"] == "promoted" and trail[0]["by"] in ("alice", "bob")
+
+
+def _promote_cli(tracker, trained, *extra, who="bob"):
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    cmd = [sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml"),
+           "--by", who, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _lock_file(tracker):
+    from pathlib import Path
+
+    from flows.registry import lock_name
+
+    db = Path(tracker.uri.removeprefix("sqlite:///"))
+    return db.with_name(db.name + f".{lock_name(NAME)}.lock")
+
+
+def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhile(trained, tmp_path):
+    """Deterministic order: bob's promotion is made to wait on the lock while alice's decides the challenger."""
+    from flows.registry import _file_lock
+
+    tracker = fresh(tmp_path)
+    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    lines = []
+    with _file_lock(_lock_file(tracker), 5, "the test's hold"):
+        proc = _promote_cli(tracker, trained)
+        for line in proc.stdout:  # bob has seen the challenger and is blocked on the lock
+            lines.append(line)
+            if "waiting for registered model" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        assert promote(tracker, trained)["decision"] == "promoted"  # alice, holding the lock
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("distilflow: error:")]
+    assert len(errors) == 1 and f"challenger version {v} of {NAME} was already decided by another promotion" in errors[0]
+    assert "promoted by tester" in errors[0] and "Traceback" not in out
+    assert aliases(tracker) == {CHAMPION: v}
+    assert [r["by"] for r in registry.audit_trail(tracker, NAME)] == ["tester"]
+
+
+def test_a_promotion_that_cannot_get_the_lock_in_time_fails_clearly_and_changes_nothing(trained, tmp_path):
+    from flows.registry import registry_lock
+
+    tracker = fresh(tmp_path)
+    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    with registry_lock(tracker, NAME, 5):  # the Prefect concurrency slot first, where the other process waits
+        proc = _promote_cli(tracker, trained, "--set", "registry.lock_timeout_s=2")
+        out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("distilflow: error:")]
+    assert len(errors) == 1 and f"registered model {NAME} is busy" in errors[0] and "concurrency limit" in errors[0]
+    assert "registry.lock_timeout_s" in errors[0]
+    assert "Traceback" not in out
+    assert aliases(tracker) == {CHALLENGER: v}
+    assert registry.audit_trail(tracker, NAME) == []
+
+
+def test_rollback_audit_and_score_commands(trained, tmp_path):
+    """The CLI a person uses: rollback restores the previous champion, audit lists it all, score writes predictions."""
+    tracker = fresh(tmp_path)
+    layout = Layout(trained["root"])
+    v1 = register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    promote(tracker, trained)
+    v2 = register(tracker, trained, layout.teacher, row="teacher fp32")
+    promote(tracker, trained)
+    assert aliases(tracker) == {CHAMPION: v2, PREVIOUS: v1}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri}
+    cli = [sys.executable, "-m", "distilflow"]
+    params = ["--params", str(trained["root"] / "params.yaml")]
+
+    back = subprocess.run(cli + ["rollback", *params, "--reason", "p99 latency up", "--by", "oncall"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert back.returncode == 0, back.stderr
+    assert aliases(tracker) == {CHAMPION: v1}
+
+    trail = subprocess.run(cli + ["audit", *params], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert trail.returncode == 0, trail.stderr
+    rows = [line.split(" | ") for line in trail.stdout.splitlines()[1:]]
+    assert [(r[2], r[3], r[5], r[6]) for r in rows] == [("promote", f"v{v1}", "promoted", "tester"),
+                                                        ("promote", f"v{v2}", "promoted", "tester"),
+                                                        ("rollback", f"v{v1}", "-", "oncall")]
+    assert rows[-1][4] == f"v{v2}" and rows[-1][7] == "p99 latency up"
+
+    raw = pd.read_csv(layout.root / "data/raw/digits.csv").head(40)
+    raw.to_csv(tmp_path / "new.csv", index=False)
+    scored = subprocess.run(cli + ["score", *params, str(tmp_path / "new.csv"), "--out", str(tmp_path / "pred.csv")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert len(pred) == 40 and (pred["prediction"] == raw["label"]).mean() > 0.8
+    probs = pred[[c for c in pred.columns if c.startswith("prob_")]]
+    assert probs.shape[1] == 10 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)

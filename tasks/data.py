@@ -185,7 +185,9 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
 
     Order matters: conflicts are resolved by majority *before* exact duplicates
     are collapsed, so three rows saying 7 outvote one row saying 1. The report
-    satisfies rows_in - sum(dropped) == rows_out.
+    satisfies rows_in - sum(dropped) == rows_out. Each rule narrows one row
+    mask and edits the feature matrix in place; rows are copied once, at the
+    end, so peak memory stays near two copies of the table (bench/data_scale.py).
     """
     dropped = dict.fromkeys(DROP_RULES, 0)
     modified = {"cells_clipped": 0, "cells_to_impute": 0, "rows_to_impute": 0}
@@ -200,41 +202,47 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
         valid = labels.map(lambda v: v in allowed).to_numpy()
         dropped["invalid_label"] = int((keep & ~valid).sum())
         keep &= valid
-    X = df[features].to_numpy(dtype=np.float64)[keep]
-    y = labels.to_numpy(dtype=object)[keep]
+    X = df[features].to_numpy(dtype=np.float64, copy=True)  # ours to edit in place
+    labels = labels.to_numpy(dtype=object)
+    del df  # the caller's frame need not outlive this point (clean_stage passes it straight in)
 
     finite = np.isfinite(X)
     bad_rows = ~finite.all(axis=1)
     if clean.nonfinite == "drop":
-        dropped["nonfinite"] = int(bad_rows.sum())
-        X, y = X[~bad_rows], y[~bad_rows]
+        dropped["nonfinite"] = int((keep & bad_rows).sum())
+        keep &= ~bad_rows
     else:  # leave NaN for the normalizer to fill with the *train* median (no leakage)
-        modified["cells_to_impute"] = int((~finite).sum())
-        modified["rows_to_impute"] = int(bad_rows.sum())
-        X = np.where(finite, X, np.nan)
+        modified["cells_to_impute"] = int((~finite[keep]).sum())
+        modified["rows_to_impute"] = int((keep & bad_rows).sum())
+        X[~finite] = np.nan  # ±inf too
+    del finite
 
     if data.value_range is not None:
         lo, hi = data.value_range
         with np.errstate(invalid="ignore"):
-            outside = (X < lo) | (X > hi)
+            outside = X < lo
+            outside |= X > hi
         if clean.out_of_range == "drop":
             rows = outside.any(axis=1)
-            dropped["out_of_range"] = int(rows.sum())
-            X, y = X[~rows], y[~rows]
+            dropped["out_of_range"] = int((keep & rows).sum())
+            keep &= ~rows
         else:
-            modified["cells_clipped"] = int(outside.sum())
-            X = np.where(outside, np.clip(X, lo, hi), X)
+            modified["cells_clipped"] = int(outside[keep].sum())
+            np.clip(X, lo, hi, out=X)  # NaN stays NaN
+        del outside
 
-    y = _uniform_labels(y)
-    fkey = _row_keys(pd.DataFrame(X))
-    keep = _resolve_conflicts(fkey, y, clean.conflicting_labels)
-    dropped["conflicting_labels"] = int((~keep).sum())
-    X, y, fkey = X[keep], y[keep], fkey[keep]
+    # row hashes of every row, then only the kept ones: a row's hash does not depend on the others
+    fkey = _row_keys(pd.DataFrame(X, copy=False))
+    rows = np.flatnonzero(keep)
+    y = _uniform_labels(labels[rows])
+    conflict_free = _resolve_conflicts(fkey[rows], y, clean.conflicting_labels)
+    dropped["conflicting_labels"] = int((~conflict_free).sum())
+    rows, y = rows[conflict_free], y[conflict_free]
 
     if clean.drop_duplicates:
-        dup = pd.DataFrame({"k": fkey, "y": y}).duplicated().to_numpy()
+        dup = pd.DataFrame({"k": fkey[rows], "y": y}).duplicated().to_numpy()
         dropped["duplicates"] = int(dup.sum())
-        X, y = X[~dup], y[~dup]
+        rows, y = rows[~dup], y[~dup]
 
     need = max(min_per_class, clean.min_samples_per_class)
     counts = pd.Series(y).value_counts()
@@ -246,11 +254,12 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
                 f"too few samples to stratify: classes {rare_classes} have fewer than {need} rows "
                 "(the split needs one per part); add data, or set clean.rare_classes=drop"
             )
-        rows = np.isin(y, rare.index.to_numpy())
-        dropped["rare_classes"] = int(rows.sum())
-        X, y = X[~rows], y[~rows]
+        rare_rows = np.isin(y, rare.index.to_numpy())
+        dropped["rare_classes"] = int(rare_rows.sum())
+        rows, y = rows[~rare_rows], y[~rare_rows]
 
-    out = pd.DataFrame(X, columns=features)
+    X = X[rows] if len(rows) < len(X) else X  # the one copy of the rows that stay
+    out = pd.DataFrame(X, columns=features, copy=False)
     out.insert(0, LABEL, y)
     if len(out) == 0:
         raise DistilflowError(f"no rows left after cleaning ({rows_in} in): {_nonzero(dropped)}; check data.classes and data.value_range")
@@ -345,7 +354,7 @@ def stratified_split(df: pd.DataFrame, split: SplitParams, seed: int) -> dict[st
         mask = part == name
         # order by content hash, so a split's bytes do not depend on input order
         order = np.argsort(test_key[mask], kind="stable")
-        out[name] = df[mask].iloc[order].reset_index(drop=True)
+        out[name] = df.take(np.flatnonzero(mask)[order]).reset_index(drop=True)  # one copy, not two
     return out
 
 
@@ -360,6 +369,13 @@ def _rank_within_class(y: np.ndarray, key: np.ndarray) -> np.ndarray:
 # normalize
 
 
+def _by_column_blocks(stat, X: np.ndarray, block: int = 16) -> np.ndarray:
+    """`stat(X, axis=0)` a few columns at a time: numpy's median and std copy the whole of X first."""
+    if X.shape[1] == 0:
+        return np.zeros(0)
+    return np.concatenate([stat(X[:, j : j + block], axis=0) for j in range(0, X.shape[1], block)])
+
+
 def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int, int] | None) -> dict:
     """Fit imputation and scaling on the train split only, as a JSON-able record.
 
@@ -367,13 +383,15 @@ def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int
     serving applies one formula: (fill_nan(x, impute) - shift) / scale.
     """
     features = _feature_columns(train)
-    X = train[features].to_numpy(dtype=np.float64)
+    X = train[features].to_numpy(dtype=np.float64, copy=True)  # ours to fill in place
+    missing = np.isnan(X)
     with np.errstate(all="ignore"):
-        impute = np.nanmedian(X, axis=0) if np.isnan(X).any() else np.median(X, axis=0)
+        impute = _by_column_blocks(np.nanmedian if missing.any() else np.median, X)
     impute = np.where(np.isfinite(impute), impute, 0.0)
-    X = np.where(np.isnan(X), impute, X)
+    np.copyto(X, np.broadcast_to(impute, X.shape), where=missing)
+    del missing
     if method == "standard":
-        shift, scale = X.mean(axis=0), X.std(axis=0)
+        shift, scale = X.mean(axis=0), _by_column_blocks(np.std, X)
     elif method == "minmax":
         shift, scale = X.min(axis=0), X.max(axis=0) - X.min(axis=0)
     elif method == "per_channel":

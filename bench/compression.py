@@ -10,6 +10,8 @@ saw the same machine at the same moments.
 fp32 runtimes of the same model: eager PyTorch, `torch.compile` (inductor)
 and ONNX Runtime fp32; the int8 model is ONNX Runtime static QDQ
 (`tasks/quantize.py:quantize_int8`, the pipeline's defaults and remedies).
+The teacher is quantized with the same recipe too, so "int8 vs the same
+model in fp32" is measured on a small and on a bigger model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def _compiled_predictor(model: torch.nn.Module):
 
 
 def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: Path | None = None,
-            threads: int = 2, repeats: tuple[int, int] = (100, 15), use_compile: bool = True, seed: int = 0) -> dict:
+            threads: int = 2, repeats: tuple[int, int] = (100, 15), use_compile: bool = True, seed: int = 0,
+            teacher_int8_path: Path | None = None) -> dict:
     """All variants of one setting: accuracy and size from the harness, latency side by side, then the targets.
 
     `data`: {"train": (X, y), "val": (X, y), "test": (X, y)} as model input (normalised float32).
@@ -59,9 +62,14 @@ def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: P
                                             out_path=workdir / "student.int8.onnx", seed=seed, threads=threads)
             record["quantize"] = {"remedy": qrec["remedy"], "reason": qrec["reason"],
                                   "seconds": time.perf_counter() - t0}
+        if teacher_int8_path is None:  # the same int8 recipe on the bigger model: where int8 does pay, or not
+            teacher_int8_path, trec = quantize_int8(teacher, Xtr, Xva, yva, QuantizeParams(), workdir / "quantize-teacher",
+                                                    out_path=workdir / "teacher.int8.onnx", seed=seed, threads=threads)
+            record["quantize_teacher"] = {"remedy": trec["remedy"], "reason": trec["reason"]}
         files = {"teacher": export_onnx(teacher, Xtr[:2], workdir / "teacher.fp32.onnx"),
                  "student": export_onnx(student, Xtr[:2], workdir / "student.fp32.onnx")}
         variants = {"teacher fp32 eager": teacher, "teacher fp32 ORT": files["teacher"],
+                    "teacher int8 ORT": teacher_int8_path,
                     "student fp32 eager": student, "student fp32 ORT": files["student"], "student int8 ORT": int8_path}
         rows = {v: evaluate_variant(v, m, Xte, yte, threads=threads, latency_batches=()) for v, m in variants.items()}
         predictors = {v: (OnnxPredictor(m, threads) if isinstance(m, Path) else load_variant(m, threads)[0])
@@ -129,6 +137,20 @@ def _targets(name: str, rows: dict) -> tuple[list[dict], dict]:
                               f"int8 ONNX {int8['file_bytes']:,} B, {student_eager['parameters']:,} parameters"))
     targets.append(check(f"compression.{name}.drop_vs_same", f"{name}: accuracy drop, fp32 student → int8 student",
                          100 * (student_eager["accuracy"] - int8["accuracy"]), "<=", 0.3, unit="pts"))
+    # the same two "int8 vs the same model" targets on the teacher, a model big enough for int8 kernels to matter
+    t_int8, t_ort = rows["teacher int8 ORT"], rows["teacher fp32 ORT"]
+    for bs in BATCHES:
+        best_t, t_ms = _best(rows, "teacher", bs)
+        speed = t_ms / t_int8[f"latency_b{bs}_ms"]["median"]
+        ratios[f"teacher_speed_vs_same_b{bs}"] = {"vs": best_t, "ratio": speed}
+        targets.append(check(f"compression.{name}.teacher_speed_vs_same_b{bs}",
+                             f"{name}: fastest fp32 runtime of the teacher ({best_t}) / teacher int8, batch {bs}",
+                             speed, ">=", 2))
+    targets.append(check(f"compression.{name}.teacher_size_vs_same", f"{name}: teacher fp32 ONNX size / int8 ONNX size",
+                         t_ort["file_bytes"] / t_int8["file_bytes"], ">=", 3.6,
+                         note=f"{teacher['parameters']:,} parameters"))
+    targets.append(check(f"compression.{name}.teacher_drop_vs_same", f"{name}: accuracy drop, fp32 teacher → int8 teacher",
+                         100 * (teacher["accuracy"] - t_int8["accuracy"]), "<=", 0.3, unit="pts"))
     ratios["size_vs_teacher"] = size_vs_teacher
     return targets, ratios
 
@@ -143,5 +165,6 @@ def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:
     pre, data = load_splits(layout)
     teacher, _ = load_classifier(layout.teacher, len(pre["classes"]))
     student, _ = load_classifier(layout.student, len(pre["classes"]))
-    int8 = layout.int8("student", "onnx_qdq")
-    return compare(name, teacher.eval(), student.eval(), data, workdir, int8 if int8.exists() else None, **kw)
+    int8, teacher_int8 = layout.int8("student", "onnx_qdq"), layout.int8("teacher", "onnx_qdq")
+    return compare(name, teacher.eval(), student.eval(), data, workdir, int8 if int8.exists() else None,
+                   teacher_int8_path=teacher_int8 if teacher_int8.exists() else None, **kw)

@@ -36,7 +36,7 @@ def targets_table(targets: list[dict]) -> list[str]:
 def _compression(sec: dict) -> list[str]:
     lines = []
     for s in sec["settings"]:
-        earlier = f"; measured by `{s['command']}`" if s.get("command") else ""
+        earlier = f"; measured by `{s['command']}` on {s.get('measured_on', 'an earlier day')}" if s.get("command") else ""
         lines += ["", f"**{s['setting']}** ({s['description']}; {s['test_rows']} test rows, {s['threads']} threads{earlier})", "",
                   "| variant | accuracy | size (KB) | parameters | b1 ms median (min–max) | b256 ms median (min–max) |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -112,16 +112,22 @@ def _data(sec: dict) -> list[str]:
 
 
 def _training(sec: dict) -> list[str]:
-    lines = ["", sec["setting"] + ".", "", "| model | parameters | bare loop samples/s | fit loop samples/s | "
-             "fit end-to-end samples/s | loop ratio (min–max) | end-to-end ratio (min–max) | end-to-end, CPU time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", sec["setting"] + ".", "", "| model | parameters | bare loop samples/s | bare loop + validation "
+             "samples/s | fit loop samples/s | fit end-to-end samples/s | loop ratio (min–max) | end-to-end ratio "
+             "(min–max) | end-to-end, CPU time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rng = lambda r: f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})"  # noqa: E731
     for m in sec["models"]:
         s = m["samples_per_s"]
         cpu = m.get("ratio_end_to_end_cpu")
+        bare_val = s.get("bare loop + validation")
         lines.append(f"| {m['model']} | {m['parameters']:,} | {s['bare loop']['median']:.0f} | "
+                     f"{bare_val['median'] if bare_val else float('nan'):.0f} | "
                      f"{s['fit loop']['median']:.0f} | {s['fit end-to-end']['median']:.0f} | "
                      f"{rng(m['ratio_loop'])} | {rng(m['ratio_end_to_end'])} | {rng(cpu) if cpu else 'n/a'} |")
+    lines.append("\nLoop ratio: fit's own per-epoch training samples/s against the bare training loop. End-to-end "
+                 "ratio: the whole fit() call (validation, best weights, history included) against the bare loop "
+                 "that also runs the same per-epoch validation forward pass.")
     lines.append(f"\nCUDA: {sec['cuda']}.")
     return lines
 
@@ -149,7 +155,7 @@ def markdown(results: dict) -> str:
             sec = results["benchmarks"][key]
             lines += ["", f"## {title}"]
             if sec.get("command"):  # carried over from an earlier run by --merge
-                lines += ["", f"_Measured by an earlier run: `{sec['command']}`._"]
+                lines += ["", f"_Measured by an earlier run on {sec.get('measured_on', 'an earlier day')}: `{sec['command']}`._"]
             lines += render(sec)
     if results.get("errors"):
         lines += ["", "## Benchmarks that failed", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()]
@@ -161,22 +167,31 @@ def _stem(results: dict) -> str:
 
 
 def merge_previous(results: dict, out_dir: Path) -> None:
-    """Carry over the families this run did not measure from today's file (their own command is kept)."""
+    """Carry over the families this run did not measure from the newest earlier file of this host.
+
+    Each carried-over section keeps the command and the date that measured it, and the report says so.
+    """
     path = out_dir / f"{_stem(results)}.json"
     if not path.is_file():
-        return
+        earlier = sorted(out_dir.glob(f"*-{results['machine']['host']}.json"))
+        if not earlier:
+            return
+        path = earlier[-1]
     previous = json.loads(path.read_text())
+
+    def carried(section: dict) -> dict:
+        return {"command": previous["command"], "measured_on": previous["date"]} | section
+
     for name, section in previous["benchmarks"].items():
         if name == "compression" and name in results["benchmarks"]:  # settings this run did not measure
             now = results["benchmarks"][name]
             have = {s["setting"] for s in now["settings"]}
             for old in section["settings"]:
                 if old["setting"] not in have:
-                    now["settings"].append(old | {"command": previous["command"]})
+                    now["settings"].append(carried(old))
             now["targets"] = [t for s in now["settings"] for t in s["targets"]]
         elif name not in results["benchmarks"] and name not in results["errors"]:
-            section.setdefault("command", previous["command"])
-            results["benchmarks"][name] = section
+            results["benchmarks"][name] = carried(section)
     results["targets"] = [t for sec in results["benchmarks"].values() for t in sec["targets"]]
     results["scale_notes"] = sorted(set(results["scale_notes"]) | set(previous.get("scale_notes", [])))
 

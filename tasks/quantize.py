@@ -3,8 +3,11 @@
 Default backend `onnx_qdq`: export to ONNX, then ONNX Runtime static
 quantization in QDQ format with uint8 activations and int8 per-channel
 weights, calibrated on a train subset. On this project's CPUs (AVX512-VNNI)
-that was the fastest int8 path at batch 1 (about 2× ORT fp32), while ORT's
-default S8S8 and dynamic quantization of convs were slower than fp32.
+that was the fastest int8 path at batch 1, while ORT's default S8S8 and
+dynamic quantization of convs were slower than fp32. Whether int8 beats ORT
+fp32 at all depends on the model (bench/results): 2.3x at batch 1 on the demo's
+391k-parameter CNN teacher, but no faster on the 6k-parameter student (call
+overhead dominates) and 3x slower on ResNet-18 at 8x8 input.
 Second backend `torch_fx`: torch.ao.quantization FX graph mode (x86 engine),
 saved as TorchScript. Both are deprecated-or-moving targets upstream
 (torch.ao.quantization is deprecated in favour of torchao's pt2e), which is

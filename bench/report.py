@@ -96,6 +96,10 @@ def _orchestration(sec: dict) -> list[str]:
         if r:
             ran = [k for k, v in r["stages"].items() if v == "ran"]
             lines.append(f"| {label} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {', '.join(ran) or 'none (all cached)'} |")
+    if runs.get("cli_warm"):
+        c = runs["cli_warm"]
+        lines.append(f"| warm, `distilflow run` (up-to-date check, before Prefect starts) | {c['wall_s']:.2f} | "
+                     f"{c['cpu_s']:.2f} | none (nothing changed since the last complete run) |")
     return lines
 
 

@@ -1,6 +1,6 @@
 """Command line: the edge where params, environment and exit codes meet.
 
-    python -m distilflow run   [--params params.yaml] [--set key=value ...]
+    python -m distilflow run   [--params params.yaml] [--set key=value ...] [--force]
     python -m distilflow stage NAME [--params ...] [--set ...]   # one DVC stage
     python -m distilflow promote [--by NAME]                       # challenger → champion, if the gates pass
     python -m distilflow rollback --reason TEXT                    # champion → previous-champion
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow, tracked in MLflow"))
     run.add_argument("--stop-after", choices=["normalize"], help="stop after this stage (the data half)")
+    run.add_argument("--force", action="store_true",
+                     help="run even when nothing changed since the last complete run (distilflow/uptodate.py)")
     with_params(sub.add_parser("pretrain", help="pretrain the demo backbone on MNIST and register it in MLflow"))
     stage = with_params(sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)"))
     stage.add_argument("name", choices=STAGES)
@@ -107,9 +109,18 @@ def _run(args) -> int:
         summary = pretrain(params=params, root=str(root), tracking_uri=uri)
         print(f"done: {summary['uri']} (version {summary['version']}) in {uri}")
         return 0
+    from distilflow import uptodate
+
+    if not args.force:
+        last = uptodate.last_run(root, uptodate.fingerprint(params, root, uri, args.stop_after))
+        if last is not None:
+            print(f"up to date: nothing changed since MLflow run {last['run_id']} ({last['at']}) in {uri}; "
+                  "`run --force` runs anyway")
+            return 0
     from flows.pipeline import pipeline
 
     summary = pipeline(params=params, root=str(root), tracking_uri=uri, stop_after=args.stop_after)
+    uptodate.record_run(root, uptodate.fingerprint(params, root, uri, args.stop_after), summary["run_id"])
     print(f"done: MLflow run {summary['run_id']} in {uri}")
     print("stages: " + ", ".join(f"{k}={v}" for k, v in summary["stages"].items()))
     if "teacher" in summary:

@@ -105,6 +105,35 @@ def test_bad_input_through_the_cli(prefect_api, project, capfd, setup, message, 
     assert statuses.get("FAILED", 0) >= 1 and "RUNNING" not in statuses
 
 
+def test_an_unchanged_rerun_through_the_cli_is_answered_before_the_flow_starts(prefect_api, project, capfd):
+    import os
+
+    args = ["run", "--params", str(project / "params.yaml"), "--stop-after", "normalize"]
+    assert main(args) == 0
+    first = capfd.readouterr().out
+    assert "done: MLflow run" in first and sum(_runs_by_status(project).values()) == 5  # parent + 4 stages
+
+    assert main(args) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("up to date: nothing changed since MLflow run ") and "done:" not in out
+    assert sum(_runs_by_status(project).values()) == 5  # no flow, no new MLflow run
+
+    # each of these is a change: a full run follows (answered from Prefect's cache), then it is up to date again
+    raw = project / "data/raw/digits.csv"
+    changes = [  # the first three each differ from the run before in that one thing only; --force always runs
+        (lambda: os.utime(Layout(project).preprocessor, ns=(1, 1)), []),  # an output touched by hand
+        (lambda: raw.write_text(raw.read_text() + "\n"), []),  # the data source
+        (lambda: None, ["--set", "split.test_seed=7"]),
+        (lambda: None, ["--force"]),
+    ]
+    for i, (change, extra) in enumerate(changes):
+        change()
+        assert main(args + extra) == 0
+        assert "done: MLflow run" in capfd.readouterr().out, i
+    assert sum(_runs_by_status(project).values()) == 5 * (1 + len(changes))
+    assert main(args) == 0 and capfd.readouterr().out.startswith("up to date")
+
+
 def test_malformed_params_in_a_fresh_process(project):
     (project / "params.yaml").write_text("split:\n  train: [0.7\n")
     proc = subprocess.run([sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")],

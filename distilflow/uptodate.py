@@ -37,7 +37,7 @@ OUTPUTS = ("data/interim", "data/split", "artifacts", "reports")
 
 
 def _stats(path: Path) -> list:
-    """[relative name, size, mtime_ns] of a file, or of every file below a folder; a missing path is one entry too."""
+    """[path, size, mtime_ns] of a file, or of every file below a folder; a missing path is one entry too."""
     if path.is_file():
         st = path.stat()
         return [[str(path), st.st_size, st.st_mtime_ns]]

@@ -124,35 +124,38 @@ def _targets(name: str, rows: dict) -> tuple[list[dict], dict]:
                              f"{name}: fastest fp32 teacher ({best_t}) / int8 student latency, batch {bs}", speed, ">=", 10))
     targets.append(check(f"compression.{name}.drop_vs_teacher", f"{name}: accuracy drop, fp32 teacher → int8 student",
                          100 * (teacher["accuracy"] - int8["accuracy"]), "<=", 1.0, unit="pts"))
-    for bs in BATCHES:
-        best_s, s_ms = _best(rows, "student", bs)
-        speed = s_ms / int8[f"latency_b{bs}_ms"]["median"]
-        ratios[f"speed_vs_same_b{bs}"] = {"vs": best_s, "ratio": speed}
-        targets.append(check(f"compression.{name}.speed_vs_same_b{bs}",
-                             f"{name}: fastest fp32 runtime of the student ({best_s}) / int8, batch {bs}", speed, ">=", 2))
-    # same format on both sides: the fp32 ONNX file against the int8 ONNX file
-    targets.append(check(f"compression.{name}.size_vs_same", f"{name}: student fp32 ONNX size / int8 ONNX size",
-                         student_ort["file_bytes"] / int8["file_bytes"], ">=", 3.6,
-                         note=f"fp32 state_dict {student_eager['file_bytes']:,} B, fp32 ONNX {student_ort['file_bytes']:,} B, "
-                              f"int8 ONNX {int8['file_bytes']:,} B, {student_eager['parameters']:,} parameters"))
-    targets.append(check(f"compression.{name}.drop_vs_same", f"{name}: accuracy drop, fp32 student → int8 student",
-                         100 * (student_eager["accuracy"] - int8["accuracy"]), "<=", 0.3, unit="pts"))
-    # the same two "int8 vs the same model" targets on the teacher, a model big enough for int8 kernels to matter
-    t_int8, t_ort = rows["teacher int8 ORT"], rows["teacher fp32 ORT"]
-    for bs in BATCHES:
-        best_t, t_ms = _best(rows, "teacher", bs)
-        speed = t_ms / t_int8[f"latency_b{bs}_ms"]["median"]
-        ratios[f"teacher_speed_vs_same_b{bs}"] = {"vs": best_t, "ratio": speed}
-        targets.append(check(f"compression.{name}.teacher_speed_vs_same_b{bs}",
-                             f"{name}: fastest fp32 runtime of the teacher ({best_t}) / teacher int8, batch {bs}",
-                             speed, ">=", 2))
-    targets.append(check(f"compression.{name}.teacher_size_vs_same", f"{name}: teacher fp32 ONNX size / int8 ONNX size",
-                         t_ort["file_bytes"] / t_int8["file_bytes"], ">=", 3.6,
-                         note=f"{teacher['parameters']:,} parameters"))
-    targets.append(check(f"compression.{name}.teacher_drop_vs_same", f"{name}: accuracy drop, fp32 teacher → int8 teacher",
-                         100 * (teacher["accuracy"] - t_int8["accuracy"]), "<=", 0.3, unit="pts"))
+    # same format on both sides of the size ratio: the fp32 ONNX file against the int8 ONNX file
+    targets += _same_model_targets(name, rows, "student", ratios,
+                                   size_note=f"fp32 state_dict {student_eager['file_bytes']:,} B, fp32 ONNX "
+                                             f"{student_ort['file_bytes']:,} B, int8 ONNX {int8['file_bytes']:,} B, "
+                                             f"{student_eager['parameters']:,} parameters")
+    # the same targets on the teacher, a model big enough for int8 kernels to matter
+    targets += _same_model_targets(name, rows, "teacher", ratios, size_note=f"{teacher['parameters']:,} parameters")
     ratios["size_vs_teacher"] = size_vs_teacher
     return targets, ratios
+
+
+def _same_model_targets(name: str, rows: dict, model: str, ratios: dict, size_note: str) -> list[dict]:
+    """int8 against the fastest fp32 runtime of the same model: speed at each batch size, ONNX size, accuracy drop.
+
+    The student's ids and ratio keys are unprefixed (`speed_vs_same_b1`); the teacher's carry `teacher_`.
+    """
+    prefix = "" if model == "student" else f"{model}_"
+    int8_label = "int8" if model == "student" else f"{model} int8"
+    int8, eager, ort = rows[f"{model} int8 ORT"], rows[f"{model} fp32 eager"], rows[f"{model} fp32 ORT"]
+    targets = []
+    for bs in BATCHES:
+        best, ms = _best(rows, model, bs)
+        speed = ms / int8[f"latency_b{bs}_ms"]["median"]
+        ratios[f"{prefix}speed_vs_same_b{bs}"] = {"vs": best, "ratio": speed}
+        targets.append(check(f"compression.{name}.{prefix}speed_vs_same_b{bs}",
+                             f"{name}: fastest fp32 runtime of the {model} ({best}) / {int8_label}, batch {bs}",
+                             speed, ">=", 2))
+    targets.append(check(f"compression.{name}.{prefix}size_vs_same", f"{name}: {model} fp32 ONNX size / int8 ONNX size",
+                         ort["file_bytes"] / int8["file_bytes"], ">=", 3.6, note=size_note))
+    targets.append(check(f"compression.{name}.{prefix}drop_vs_same", f"{name}: accuracy drop, fp32 {model} → int8 {model}",
+                         100 * (eager["accuracy"] - int8["accuracy"]), "<=", 0.3, unit="pts"))
+    return targets
 
 
 def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:

@@ -30,6 +30,14 @@ def lock_name(model: str) -> str:
     return "distilflow-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)
 
 
+def lock_file(tracking_uri: str, model: str) -> Path | None:
+    """The file lock beside an embedded SQLite store; None for a tracking server."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return db.with_name(db.name + f".{lock_name(model)}.lock")
+
+
 @contextmanager
 def _file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +86,8 @@ def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[No
             raise DistilflowError(f"registered model {model} is busy: another registration or promotion held the "
                                   f"Prefect concurrency limit {name!r} for more than {timeout_s:.0f} s "
                                   "(registry.lock_timeout_s)") from None
-        if tracker.uri.startswith("sqlite:///"):
-            db = Path(tracker.uri.removeprefix("sqlite:///"))
-            held.enter_context(_file_lock(db.with_name(db.name + f".{name}.lock"), timeout_s, f"registered model {model}"))
+        if (path := lock_file(tracker.uri, model)) is not None:
+            held.enter_context(_file_lock(path, timeout_s, f"registered model {model}"))
         yield
 
 

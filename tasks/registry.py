@@ -187,10 +187,13 @@ def register_variants(tracker, run, variants: list[Variant], preprocessor: Path,
 
 def _undo_registration(client, created: list[tuple[str, str]], new_models: list[str], product_name: str) -> None:
     """Delete what a failed registration created; whatever cannot be deleted is tagged `registration=failed`."""
+    try:  # set only if the failure came after the alias step; looked up once, not per version
+        challenger = version_by_alias(client, product_name, CHALLENGER)
+    except Exception:  # noqa: BLE001 - best effort, as below
+        challenger = None
     for name, version in created:
         try:
-            if (alias := version_by_alias(client, product_name, CHALLENGER)) is not None and \
-                    (name, str(alias.version)) == (product_name, version):
+            if challenger is not None and (name, version) == (product_name, str(challenger.version)):
                 client.delete_registered_model_alias(product_name, CHALLENGER)
             client.delete_model_version(name, version)
         except Exception:  # noqa: BLE001 - best effort; the original error is what the user needs

@@ -392,23 +392,14 @@ def _promote_cli(tracker, trained, *extra, who="bob"):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _lock_file(tracker):
-    from pathlib import Path
-
-    from flows.registry import lock_name
-
-    db = Path(tracker.uri.removeprefix("sqlite:///"))
-    return db.with_name(db.name + f".{lock_name(NAME)}.lock")
-
-
 def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhile(trained, tmp_path):
     """Deterministic order: bob's promotion is made to wait on the lock while alice's decides the challenger."""
-    from flows.registry import _file_lock
+    from flows.registry import _file_lock, lock_file
 
     tracker = fresh(tmp_path)
     v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
     lines = []
-    with _file_lock(_lock_file(tracker), 5, "the test's hold"):
+    with _file_lock(lock_file(tracker.uri, NAME), 5, "the test's hold"):
         proc = _promote_cli(tracker, trained)
         for line in proc.stdout:  # bob has seen the challenger and is blocked on the lock
             lines.append(line)

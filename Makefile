@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-fast data repro push pull promote ui prefect-server worker serve bench
+.PHONY: install run test test-slow test-all data repro push pull promote ui prefect-server worker serve bench
 
 install: $(STAMP)
 
@@ -26,11 +26,15 @@ data: data/raw/digits.csv
 run: install data
 	$(PY) -m distilflow run $(ARGS)
 
+# `make test`: everything but the long end-to-end tests (< 10 min on 2 cores); CI (.ci/run) runs both
 test: install
-	$(PY) -m pytest $(ARGS)
-
-test-fast: install
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(ARGS)
+
+test-all: install
+	$(PY) -m pytest $(ARGS)
 
 repro: install data
 	dvc repro

@@ -44,12 +44,12 @@ def scheduled_pipeline(params_file: str = "params.yaml", overrides: list[str] | 
 def scheduled_promote(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Promotion of the newest challenger, as a deployment runs it."""
     from flows.registry import promote
-    from tasks.registry import NoChallenger
+    from tasks.registry import NoChallenger, UnknownModel
 
     params, root, uri = _load(params_file, overrides)
     try:
         return promote(params=params, root=str(root), tracking_uri=uri, actor="schedule:promote")
-    except NoChallenger as exc:  # the night's run found nothing new: not a failure of the schedule
+    except (NoChallenger, UnknownModel) as exc:  # nothing new (or nothing registered yet): not a failure of the schedule
         print(f"nothing to promote: {exc}")
         return {"decision": "none", "reasons": str(exc)}
 

@@ -41,6 +41,10 @@ class NoChallenger(DistilflowError):
     """Nothing to promote: an error for a person asking to promote, a quiet night for the schedule."""
 
 
+class UnknownModel(DistilflowError):
+    """No registered model of that name: a typo for a person, a pipeline that has not registered yet for the schedule."""
+
+
 @dataclass
 class Variant:
     """One model to register: where its classifier lives and its row of the evaluation table."""
@@ -123,7 +127,7 @@ def require_model(client, name: str) -> None:
         client.get_registered_model(name)
     except MlflowException:
         known = sorted(m.name for m in client.search_registered_models(max_results=100))
-        raise DistilflowError(f"unknown registered model {name!r} (registered: {', '.join(known) or 'none'})") from None
+        raise UnknownModel(f"unknown registered model {name!r} (registered: {', '.join(known) or 'none'})") from None
 
 
 def register_variants(tracker, run, variants: list[Variant], preprocessor: Path, input_example: pd.DataFrame,

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-slow test-all data repro push pull promote ui prefect-server worker serve bench
+.PHONY: install run test test-slow test-all lint data repro push pull promote ui prefect-server worker serve bench
 
 install: $(STAMP)
 
@@ -26,9 +26,15 @@ data: data/raw/digits.csv
 run: install data
 	$(PY) -m distilflow run $(ARGS)
 
-# `make test`: everything but the long end-to-end tests (< 10 min on 2 cores); CI (.ci/run) runs both
-test: install
+# `make test`: format, lint and import-layering checks, then every test but the long end-to-end ones
+# (< 10 min on 2 cores); CI (.ci/run) runs `make test` and `make test-slow`
+test: install lint
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test-slow: install
 	$(PY) -m pytest -m slow $(ARGS)
@@ -62,7 +68,7 @@ prefect-server: install
 
 worker: install
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect work-pool create distilflow --type process --overwrite
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect --no-prompt deploy --all
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m distilflow deploy
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect worker start --pool distilflow
 
 # The same two deployments served from one process, without a worker

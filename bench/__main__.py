@@ -23,9 +23,14 @@ FAMILIES = ("data_scale", "training", "orchestration", "quality", "compression")
 
 def _quiet_environment() -> None:
     """Offline, no telemetry; as the CLI sets before Prefect or MLflow are imported."""
-    for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "true"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1"),
-                       ("GIT_PYTHON_REFRESH", "quiet"), ("TQDM_DISABLE", "1")):
+    for key, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("DO_NOT_TRACK", "true"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("GIT_PYTHON_REFRESH", "quiet"),
+        ("TQDM_DISABLE", "1"),
+    ):
         os.environ.setdefault(key, value)
 
 
@@ -34,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     parser.add_argument("--quick", action="store_true", help="reduced sizes, epochs and repeats")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other benchmarks' figures already in today's results file for this host")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other benchmarks' figures already in today's results file for this host",
+    )
     parser.add_argument("--data-sizes", help="override the data_scale row counts, e.g. 2000,8000")
     args = parser.parse_args(argv)
     only = [f.strip() for f in args.only.split(",") if f.strip()]
@@ -52,9 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    results = {"date": datetime.date.today().isoformat(), "machine": machine_info(),
-               "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
-               "quick": args.quick, "scale_notes": [], "benchmarks": {}, "targets": [], "errors": {}}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+        "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
+        "quick": args.quick,
+        "scale_notes": [],
+        "benchmarks": {},
+        "targets": [],
+        "errors": {},
+    }
     notes = results["scale_notes"]
     q = args.quick
 
@@ -77,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     def data_scale():
         from bench import data_scale as ds
 
-        sizes = [int(s) for s in args.data_sizes.split(",")] if args.data_sizes else \
-            ([10_000, 100_000] if q else [10_000, 100_000, 1_000_000])
+        sizes = (
+            [int(s) for s in args.data_sizes.split(",")]
+            if args.data_sizes
+            else ([10_000, 100_000] if q else [10_000, 100_000, 1_000_000])
+        )
         if max(sizes) < 1_000_000:
             notes.append(f"data_scale up to {max(sizes):,} rows (1M extrapolated)")
         return ds.run(sizes, repeats=2 if q else 3, big_repeats=2, workdir=work / "data")
@@ -106,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if q:
             notes.append("quality: 1 seed, 10 labels/class, 5 epochs")
-        section = ql.run(budgets=(10,) if q else (10, 50), seeds=(0,) if q else (0, 1, 2), epochs=5 if q else 15,
-                         pretrain_epochs=3 if q else 10, workdir=work / "quality")
+        section = ql.run(
+            budgets=(10,) if q else (10, 50),
+            seeds=(0,) if q else (0, 1, 2),
+            epochs=5 if q else 15,
+            pretrain_epochs=3 if q else 10,
+            workdir=work / "quality",
+        )
         quality_models["mnist"] = (section.pop("_models"), section.pop("_data"), max(section["budgets"]))
         return section
 
@@ -138,28 +161,43 @@ def main(argv: list[str] | None = None) -> int:
 
         def resnet18():
             root = orch.make_project(work / "demo-resnet18")
-            params = load_params(root / "params.yaml", ["backbone.spec=builtin:resnet18", "quantize.enabled=false",
-                                                        "evaluate.repeats=3"])
+            params = load_params(
+                root / "params.yaml", ["backbone.spec=builtin:resnet18", "quantize.enabled=false", "evaluate.repeats=3"]
+            )
             orch.plain_pipeline(params, root)
             return cp.from_layout("digits-resnet18", root, work / "cmp-resnet18", repeats=reps)
 
-        setting("digits-demo", "demo pipeline: MNIST-pretrained CNN teacher fine-tuned on digits, KD student, int8", demo)
+        setting(
+            "digits-demo", "demo pipeline: MNIST-pretrained CNN teacher fine-tuned on digits, KD student, int8", demo
+        )
         if q:
             notes.append("compression: ResNet-18 setting skipped, 30/5 timed calls")
         else:
-            setting("digits-resnet18", "ResNet-18 layout (11.2M parameters) trained from scratch on digits (the "
-                    "demo pipeline with backbone.spec=builtin:resnet18), KD student, int8", resnet18)
+            setting(
+                "digits-resnet18",
+                "ResNet-18 layout (11.2M parameters) trained from scratch on digits (the "
+                "demo pipeline with backbone.spec=builtin:resnet18), KD student, int8",
+                resnet18,
+            )
         if "mnist" in quality_models:
             (teacher, student, int8), data, budget = quality_models["mnist"]
-            setting(f"mnist-{budget}", f"MNIST subset, {budget} labels/class, seed 0: digits-pretrained CNN teacher "
-                    "fine-tuned on those labels, KD student, int8",
-                    lambda: cp.compare(f"mnist-{budget}", teacher, student, data, work / "cmp-mnist", int8, repeats=reps))
+            setting(
+                f"mnist-{budget}",
+                f"MNIST subset, {budget} labels/class, seed 0: digits-pretrained CNN teacher "
+                "fine-tuned on those labels, KD student, int8",
+                lambda: cp.compare(f"mnist-{budget}", teacher, student, data, work / "cmp-mnist", int8, repeats=reps),
+            )
         if not settings:
             raise RuntimeError(f"every compression setting failed: {errors}")
         return {"settings": settings, "errors": errors, "targets": [t for s in settings for t in s["targets"]]}
 
-    for name, fn in (("data_scale", data_scale), ("training", training), ("orchestration", orchestration),
-                     ("quality", quality), ("compression", compression)):
+    for name, fn in (
+        ("data_scale", data_scale),
+        ("training", training),
+        ("orchestration", orchestration),
+        ("quality", quality),
+        ("compression", compression),
+    ):
         attempt(name, fn)
     results["seconds"] = time.perf_counter() - started
     if args.merge:

@@ -7,8 +7,8 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 
 def summarize(samples: list[float]) -> dict:
@@ -16,8 +16,9 @@ def summarize(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
-def interleaved_timings(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3,
-                        rounds: int = 5, settle_s: float = 0.02) -> dict[str, dict]:
+def interleaved_timings(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, rounds: int = 5, settle_s: float = 0.02
+) -> dict[str, dict]:
     """Seconds per call of each callable: `repeats` timed calls each, spread over `rounds` rounds.
 
     Each round runs every callable in turn, as a block of `warmup` untimed
@@ -46,8 +47,11 @@ def interleaved_timings(calls: dict[str, Callable[[], object]], repeats: int, wa
 
 def ratio(numerator: dict, denominator: dict) -> dict:
     """Ratio of two summaries' medians, with the range the extremes allow (worst to best case)."""
-    return {"median": numerator["median"] / denominator["median"],
-            "min": numerator["min"] / denominator["max"], "max": numerator["max"] / denominator["min"]}
+    return {
+        "median": numerator["median"] / denominator["median"],
+        "min": numerator["min"] / denominator["max"],
+        "max": numerator["max"] / denominator["min"],
+    }
 
 
 def _cpu_model() -> str:
@@ -165,8 +169,9 @@ class Stopwatch:
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def wrap(self, owner, attr: str, name: str | None = None) -> None:
-        """Time every call of `owner.attr` under `name` (measurement only; behaviour unchanged)."""
-        original = getattr(owner, attr)
+        """Time every call of `owner.attr` (or `owner[attr]`, a dict entry) under `name`; behaviour unchanged."""
+        is_dict = isinstance(owner, dict)
+        original = owner[attr] if is_dict else getattr(owner, attr)
         label = name or attr
 
         def timed(*args, **kwargs):
@@ -178,4 +183,7 @@ class Stopwatch:
 
         timed.__wrapped__ = original
         timed.__name__ = getattr(original, "__name__", attr)
-        setattr(owner, attr, timed)
+        if is_dict:
+            owner[attr] = timed
+        else:
+            setattr(owner, attr, timed)

@@ -38,9 +38,19 @@ def _compiled_predictor(model: torch.nn.Module):
     return predict
 
 
-def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: Path | None = None,
-            threads: int = 2, repeats: tuple[int, int] = (100, 15), use_compile: bool = True, seed: int = 0,
-            teacher_int8_path: Path | None = None) -> dict:
+def compare(
+    name: str,
+    teacher,
+    student,
+    data: dict,
+    workdir: Path,
+    int8_path: Path | None = None,
+    threads: int = 2,
+    repeats: tuple[int, int] = (100, 15),
+    use_compile: bool = True,
+    seed: int = 0,
+    teacher_int8_path: Path | None = None,
+) -> dict:
     """All variants of one setting: accuracy and size from the harness, latency side by side, then the targets.
 
     `data`: {"train": (X, y), "val": (X, y), "test": (X, y)} as model input (normalised float32).
@@ -48,7 +58,8 @@ def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: P
     """
     from distilflow.params import QuantizeParams
     from tasks.evaluate import evaluate_variant, load_variant
-    from tasks.quantize import OnnxPredictor, export_onnx, quantize_int8
+    from tasks.inference import OnnxPredictor
+    from tasks.quantize import export_onnx, quantize_int8
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -58,22 +69,52 @@ def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: P
         record: dict = {"setting": name, "threads": threads, "test_rows": int(len(yte))}
         if int8_path is None:
             t0 = time.perf_counter()
-            int8_path, qrec = quantize_int8(student, Xtr, Xva, yva, QuantizeParams(), workdir / "quantize",
-                                            out_path=workdir / "student.int8.onnx", seed=seed, threads=threads)
-            record["quantize"] = {"remedy": qrec["remedy"], "reason": qrec["reason"],
-                                  "seconds": time.perf_counter() - t0}
+            int8_path, qrec = quantize_int8(
+                student,
+                Xtr,
+                Xva,
+                yva,
+                QuantizeParams(),
+                workdir / "quantize",
+                out_path=workdir / "student.int8.onnx",
+                seed=seed,
+                threads=threads,
+            )
+            record["quantize"] = {
+                "remedy": qrec["remedy"],
+                "reason": qrec["reason"],
+                "seconds": time.perf_counter() - t0,
+            }
         if teacher_int8_path is None:  # the same int8 recipe on the bigger model: where int8 does pay, or not
-            teacher_int8_path, trec = quantize_int8(teacher, Xtr, Xva, yva, QuantizeParams(), workdir / "quantize-teacher",
-                                                    out_path=workdir / "teacher.int8.onnx", seed=seed, threads=threads)
+            teacher_int8_path, trec = quantize_int8(
+                teacher,
+                Xtr,
+                Xva,
+                yva,
+                QuantizeParams(),
+                workdir / "quantize-teacher",
+                out_path=workdir / "teacher.int8.onnx",
+                seed=seed,
+                threads=threads,
+            )
             record["quantize_teacher"] = {"remedy": trec["remedy"], "reason": trec["reason"]}
-        files = {"teacher": export_onnx(teacher, Xtr[:2], workdir / "teacher.fp32.onnx"),
-                 "student": export_onnx(student, Xtr[:2], workdir / "student.fp32.onnx")}
-        variants = {"teacher fp32 eager": teacher, "teacher fp32 ORT": files["teacher"],
-                    "teacher int8 ORT": teacher_int8_path,
-                    "student fp32 eager": student, "student fp32 ORT": files["student"], "student int8 ORT": int8_path}
+        files = {
+            "teacher": export_onnx(teacher, Xtr[:2], workdir / "teacher.fp32.onnx"),
+            "student": export_onnx(student, Xtr[:2], workdir / "student.fp32.onnx"),
+        }
+        variants = {
+            "teacher fp32 eager": teacher,
+            "teacher fp32 ORT": files["teacher"],
+            "teacher int8 ORT": teacher_int8_path,
+            "student fp32 eager": student,
+            "student fp32 ORT": files["student"],
+            "student int8 ORT": int8_path,
+        }
         rows = {v: evaluate_variant(v, m, Xte, yte, threads=threads, latency_batches=()) for v, m in variants.items()}
-        predictors = {v: (OnnxPredictor(m, threads) if isinstance(m, Path) else load_variant(m, threads)[0])
-                      for v, m in variants.items()}
+        predictors = {
+            v: (OnnxPredictor(m, threads) if isinstance(m, Path) else load_variant(m, threads)[0])
+            for v, m in variants.items()
+        }
         if use_compile:
             try:
                 t0 = time.perf_counter()
@@ -82,20 +123,27 @@ def compare(name: str, teacher, student, data: dict, workdir: Path, int8_path: P
                     fn(Xte[:bs] if len(Xte) >= bs else np.resize(Xte, (bs, Xte.shape[1])))
                 compiled_acc = float((fn(Xte).argmax(1) == yte).mean())
                 predictors["student fp32 compiled"] = fn
-                rows["student fp32 compiled"] = {**rows["student fp32 eager"], "variant": "student fp32 compiled",
-                                                 "accuracy": compiled_acc, "compile_s": time.perf_counter() - t0}
+                rows["student fp32 compiled"] = {
+                    **rows["student fp32 eager"],
+                    "variant": "student fp32 compiled",
+                    "accuracy": compiled_acc,
+                    "compile_s": time.perf_counter() - t0,
+                }
             except Exception as exc:  # no C++ toolchain, unsupported op: recorded, not fatal
                 record["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         for bs, reps in zip(BATCHES, repeats):
             batch = np.ascontiguousarray(np.resize(Xte, (bs, Xte.shape[1])), dtype=np.float32)
-            timings = interleaved_timings({v: (lambda p=p: p(batch)) for v, p in predictors.items()}, reps)
+            timings = interleaved_timings({v: (lambda p=p, b=batch: p(b)) for v, p in predictors.items()}, reps)
             for v, t in timings.items():
                 rows[v][f"latency_b{bs}_ms"] = {k: (x * 1e3 if k != "n" else x) for k, x in t.items()}
     finally:
         torch.set_num_threads(previous)
 
-    table = [{k: r[k] for k in ("variant", "accuracy", "file_bytes", "parameters") if k in r}
-             | {k: v for k, v in r.items() if k.startswith("latency") or k == "compile_s"} for r in rows.values()]
+    table = [
+        {k: r[k] for k in ("variant", "accuracy", "file_bytes", "parameters") if k in r}
+        | {k: v for k, v in r.items() if k.startswith("latency") or k == "compile_s"}
+        for r in rows.values()
+    ]
     record["variants"] = table
     record["targets"], record["ratios"] = _targets(name, rows)
     return record
@@ -110,25 +158,59 @@ def _best(rows: dict, prefix: str, bs: int) -> tuple[str, float]:
 
 def _targets(name: str, rows: dict) -> tuple[list[dict], dict]:
     int8 = rows["student int8 ORT"]
-    teacher, student_eager, student_ort = rows["teacher fp32 eager"], rows["student fp32 eager"], rows["student fp32 ORT"]
+    teacher, student_eager, student_ort = (
+        rows["teacher fp32 eager"],
+        rows["student fp32 eager"],
+        rows["student fp32 ORT"],
+    )
     ratios, targets = {}, []
     size_vs_teacher = teacher["file_bytes"] / int8["file_bytes"]
-    targets.append(check(f"compression.{name}.size_vs_teacher", f"{name}: fp32 teacher size / int8 student size",
-                         size_vs_teacher, ">=", 50))
+    targets.append(
+        check(
+            f"compression.{name}.size_vs_teacher",
+            f"{name}: fp32 teacher size / int8 student size",
+            size_vs_teacher,
+            ">=",
+            50,
+        )
+    )
     for bs in BATCHES:
         best_t, t_ms = _best(rows, "teacher", bs)
         speed = t_ms / int8[f"latency_b{bs}_ms"]["median"]
-        ratios[f"speed_vs_teacher_b{bs}"] = {"vs": best_t, "ratio": speed,
-                                             "vs_eager": teacher[f"latency_b{bs}_ms"]["median"] / int8[f"latency_b{bs}_ms"]["median"]}
-        targets.append(check(f"compression.{name}.speed_vs_teacher_b{bs}",
-                             f"{name}: fastest fp32 teacher ({best_t}) / int8 student latency, batch {bs}", speed, ">=", 10))
-    targets.append(check(f"compression.{name}.drop_vs_teacher", f"{name}: accuracy drop, fp32 teacher → int8 student",
-                         100 * (teacher["accuracy"] - int8["accuracy"]), "<=", 1.0, unit="pts"))
+        ratios[f"speed_vs_teacher_b{bs}"] = {
+            "vs": best_t,
+            "ratio": speed,
+            "vs_eager": teacher[f"latency_b{bs}_ms"]["median"] / int8[f"latency_b{bs}_ms"]["median"],
+        }
+        targets.append(
+            check(
+                f"compression.{name}.speed_vs_teacher_b{bs}",
+                f"{name}: fastest fp32 teacher ({best_t}) / int8 student latency, batch {bs}",
+                speed,
+                ">=",
+                10,
+            )
+        )
+    targets.append(
+        check(
+            f"compression.{name}.drop_vs_teacher",
+            f"{name}: accuracy drop, fp32 teacher → int8 student",
+            100 * (teacher["accuracy"] - int8["accuracy"]),
+            "<=",
+            1.0,
+            unit="pts",
+        )
+    )
     # same format on both sides of the size ratio: the fp32 ONNX file against the int8 ONNX file
-    targets += _same_model_targets(name, rows, "student", ratios,
-                                   size_note=f"fp32 state_dict {student_eager['file_bytes']:,} B, fp32 ONNX "
-                                             f"{student_ort['file_bytes']:,} B, int8 ONNX {int8['file_bytes']:,} B, "
-                                             f"{student_eager['parameters']:,} parameters")
+    targets += _same_model_targets(
+        name,
+        rows,
+        "student",
+        ratios,
+        size_note=f"fp32 state_dict {student_eager['file_bytes']:,} B, fp32 ONNX "
+        f"{student_ort['file_bytes']:,} B, int8 ONNX {int8['file_bytes']:,} B, "
+        f"{student_eager['parameters']:,} parameters",
+    )
     # the same targets on the teacher, a model big enough for int8 kernels to matter
     targets += _same_model_targets(name, rows, "teacher", ratios, size_note=f"{teacher['parameters']:,} parameters")
     ratios["size_vs_teacher"] = size_vs_teacher
@@ -148,13 +230,35 @@ def _same_model_targets(name: str, rows: dict, model: str, ratios: dict, size_no
         best, ms = _best(rows, model, bs)
         speed = ms / int8[f"latency_b{bs}_ms"]["median"]
         ratios[f"{prefix}speed_vs_same_b{bs}"] = {"vs": best, "ratio": speed}
-        targets.append(check(f"compression.{name}.{prefix}speed_vs_same_b{bs}",
-                             f"{name}: fastest fp32 runtime of the {model} ({best}) / {int8_label}, batch {bs}",
-                             speed, ">=", 2))
-    targets.append(check(f"compression.{name}.{prefix}size_vs_same", f"{name}: {model} fp32 ONNX size / int8 ONNX size",
-                         ort["file_bytes"] / int8["file_bytes"], ">=", 3.6, note=size_note))
-    targets.append(check(f"compression.{name}.{prefix}drop_vs_same", f"{name}: accuracy drop, fp32 {model} → int8 {model}",
-                         100 * (eager["accuracy"] - int8["accuracy"]), "<=", 0.3, unit="pts"))
+        targets.append(
+            check(
+                f"compression.{name}.{prefix}speed_vs_same_b{bs}",
+                f"{name}: fastest fp32 runtime of the {model} ({best}) / {int8_label}, batch {bs}",
+                speed,
+                ">=",
+                2,
+            )
+        )
+    targets.append(
+        check(
+            f"compression.{name}.{prefix}size_vs_same",
+            f"{name}: {model} fp32 ONNX size / int8 ONNX size",
+            ort["file_bytes"] / int8["file_bytes"],
+            ">=",
+            3.6,
+            note=size_note,
+        )
+    )
+    targets.append(
+        check(
+            f"compression.{name}.{prefix}drop_vs_same",
+            f"{name}: accuracy drop, fp32 {model} → int8 {model}",
+            100 * (eager["accuracy"] - int8["accuracy"]),
+            "<=",
+            0.3,
+            unit="pts",
+        )
+    )
     return targets
 
 
@@ -162,12 +266,22 @@ def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:
     """A setting from a pipeline project's artifacts (teacher/, student/, student.int8.onnx)."""
     from distilflow.layout import Layout
     from tasks.backbones import load_classifier
-    from tasks.finetune import load_splits
+    from tasks.dataset import load_splits
+    from tasks.inference import int8_file
 
     layout = Layout(root)
-    pre, data = load_splits(layout)
+    pre, data = load_splits(layout.train, layout.val, layout.test, layout.preprocessor)
     teacher, _ = load_classifier(layout.teacher, len(pre["classes"]))
     student, _ = load_classifier(layout.student, len(pre["classes"]))
-    int8, teacher_int8 = layout.int8("student", "onnx_qdq"), layout.int8("teacher", "onnx_qdq")
-    return compare(name, teacher.eval(), student.eval(), data, workdir, int8 if int8.exists() else None,
-                   teacher_int8_path=teacher_int8 if teacher_int8.exists() else None, **kw)
+    int8 = int8_file(layout.student_int8) if layout.student_int8.is_dir() else None
+    teacher_int8 = int8_file(layout.teacher_int8) if layout.teacher_int8.is_dir() else None
+    return compare(
+        name,
+        teacher.eval(),
+        student.eval(),
+        data,
+        workdir,
+        int8 if int8 and int8.suffix == ".onnx" else None,
+        teacher_int8_path=teacher_int8 if teacher_int8 and teacher_int8.suffix == ".onnx" else None,
+        **kw,
+    )

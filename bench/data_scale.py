@@ -67,9 +67,23 @@ def _child(table: Path, workdir: Path, repeats: int) -> dict:
     times: dict[str, list[float]] = {"clean": [], "split": [], "normalize": [], "total": []}
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        clean_stage(table, workdir / "clean.parquet", workdir / "cleaning.json", CleanParams(), data, split.n_parts)
+        clean_stage(
+            table,
+            workdir / "clean.parquet",
+            workdir / "cleaning.json",
+            CleanParams(),
+            data.classes,
+            data.value_range,
+            split.n_parts,
+        )
         t1 = time.perf_counter()
-        split_stage(workdir / "clean.parquet", workdir / "split", workdir / "split.json", split, seed=42)
+        split_stage(
+            workdir / "clean.parquet",
+            *(workdir / f"split/{s}.parquet" for s in ("train", "val", "test")),
+            workdir / "split.json",
+            split,
+            seed=42,
+        )
         t2 = time.perf_counter()
         normalize_stage(workdir / "split/train.parquet", workdir / "preprocessor.json", "standard", None)
         t3 = time.perf_counter()
@@ -77,8 +91,11 @@ def _child(table: Path, workdir: Path, repeats: int) -> dict:
             continue  # warm-up: first-touch page faults, lazy imports
         for name, seconds in (("clean", t1 - t0), ("split", t2 - t1), ("normalize", t3 - t2), ("total", t3 - t0)):
             times[name].append(seconds)
-    return {"seconds": {k: summarize(v) for k, v in times.items()},
-            "baseline_rss_bytes": baseline_kb * 1024, "peak_rss_bytes": _rss_kb("VmHWM") * 1024}
+    return {
+        "seconds": {k: summarize(v) for k, v in times.items()},
+        "baseline_rss_bytes": baseline_kb * 1024,
+        "peak_rss_bytes": _rss_kb("VmHWM") * 1024,
+    }
 
 
 def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
@@ -90,20 +107,45 @@ def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
     table_bytes = int(frame.memory_usage(deep=True).sum())
     table = write_table(frame, workdir / "ingested.parquet")
     del frame
-    out = subprocess.run([sys.executable, "-m", "bench.data_scale", "--child", str(table), "--workdir", str(workdir),
-                          "--repeats", str(repeats)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.data_scale",
+            "--child",
+            str(table),
+            "--workdir",
+            str(workdir),
+            "--repeats",
+            str(repeats),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if out.returncode != 0:
         raise RuntimeError(f"data_scale child for {rows} rows failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     extra = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
-    return {"rows": rows, "cols": N_COLS, "table_bytes": table_bytes, **result,
-            "peak_extra_bytes": extra, "peak_over_table": extra / table_bytes,
-            "us_per_row": 1e6 * result["seconds"]["total"]["median"] / rows}
+    return {
+        "rows": rows,
+        "cols": N_COLS,
+        "table_bytes": table_bytes,
+        **result,
+        "peak_extra_bytes": extra,
+        "peak_over_table": extra / table_bytes,
+        "us_per_row": 1e6 * result["seconds"]["total"]["median"] / rows,
+    }
 
 
-def run(sizes: list[int], repeats: int = 3, big_repeats: int = 2, workdir: Path | None = None,
-        target_rows: int = 1_000_000, target_seconds: float = 20.0) -> dict:
+def run(
+    sizes: list[int],
+    repeats: int = 3,
+    big_repeats: int = 2,
+    workdir: Path | None = None,
+    target_rows: int = 1_000_000,
+    target_seconds: float = 20.0,
+) -> dict:
     """Every size, then the targets: linear growth, time at `target_rows`, peak memory ≤ 4× the table."""
     rows_out = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -111,32 +153,71 @@ def run(sizes: list[int], repeats: int = 3, big_repeats: int = 2, workdir: Path 
         for rows in sorted(sizes):
             r = repeats if rows < 1_000_000 else big_repeats
             rows_out.append(measure_size(rows, base / f"rows{rows}", r))
-            print(f"  data_scale {rows:>9,} rows: {rows_out[-1]['seconds']['total']['median']:.2f} s, "
-                  f"peak +{rows_out[-1]['peak_extra_bytes'] / 2**20:.0f} MiB "
-                  f"({rows_out[-1]['peak_over_table']:.2f}× table)", flush=True)
+            print(
+                f"  data_scale {rows:>9,} rows: {rows_out[-1]['seconds']['total']['median']:.2f} s, "
+                f"peak +{rows_out[-1]['peak_extra_bytes'] / 2**20:.0f} MiB "
+                f"({rows_out[-1]['peak_over_table']:.2f}× table)",
+                flush=True,
+            )
     largest, second = rows_out[-1], rows_out[-2] if len(rows_out) > 1 else None
     targets = []
     if second is not None:
         # growth exponent between the two largest sizes, where fixed costs no longer hide the slope
-        slope = math.log(largest["seconds"]["total"]["median"] / second["seconds"]["total"]["median"]) / \
-            math.log(largest["rows"] / second["rows"])
-        targets.append(check("data.growth_exponent", f"time growth exponent, {second['rows']:,} → {largest['rows']:,} rows "
-                             "(1.0 = linear)", slope, "<=", 1.1, unit=""))
+        slope = math.log(largest["seconds"]["total"]["median"] / second["seconds"]["total"]["median"]) / math.log(
+            largest["rows"] / second["rows"]
+        )
+        targets.append(
+            check(
+                "data.growth_exponent",
+                f"time growth exponent, {second['rows']:,} → {largest['rows']:,} rows (1.0 = linear)",
+                slope,
+                "<=",
+                1.1,
+                unit="",
+            )
+        )
     t_big = largest["seconds"]["total"]["median"]
     if largest["rows"] >= target_rows:
-        targets.append(check("data.time_1m", f"clean+split+normalize, {largest['rows']:,} rows × {N_COLS} cols",
-                             t_big, "<=", target_seconds, unit="s"))
+        targets.append(
+            check(
+                "data.time_1m",
+                f"clean+split+normalize, {largest['rows']:,} rows × {N_COLS} cols",
+                t_big,
+                "<=",
+                target_seconds,
+                unit="s",
+            )
+        )
     else:
         estimate = t_big * target_rows / largest["rows"]
-        targets.append(check("data.time_1m", f"clean+split+normalize, {target_rows:,} rows (linear extrapolation "
-                             f"from {largest['rows']:,}: not measured)", estimate, "<=", target_seconds, unit="s",
-                             note="extrapolated, not measured"))
-    targets.append(check("data.peak_memory", f"peak extra memory / table size, {largest['rows']:,} rows",
-                         largest["peak_over_table"], "<=", 4.0))
-    return {"sizes": rows_out, "targets": targets,
-            "setting": f"synthetic tables, {N_COLS} float64 columns + text label, ~0.1% NaN / out-of-range / "
-                       "invalid labels, 0.5% duplicates; clean (defaults) → split 70/15/15 → normalize (standard); "
-                       "parquet I/O included; each size in a fresh process"}
+        targets.append(
+            check(
+                "data.time_1m",
+                f"clean+split+normalize, {target_rows:,} rows (linear extrapolation "
+                f"from {largest['rows']:,}: not measured)",
+                estimate,
+                "<=",
+                target_seconds,
+                unit="s",
+                note="extrapolated, not measured",
+            )
+        )
+    targets.append(
+        check(
+            "data.peak_memory",
+            f"peak extra memory / table size, {largest['rows']:,} rows",
+            largest["peak_over_table"],
+            "<=",
+            4.0,
+        )
+    )
+    return {
+        "sizes": rows_out,
+        "targets": targets,
+        "setting": f"synthetic tables, {N_COLS} float64 columns + text label, ~0.1% NaN / out-of-range / "
+        "invalid labels, 0.5% duplicates; clean (defaults) → split 70/15/15 → normalize (standard); "
+        "parquet I/O included; each size in a fresh process",
+    }
 
 
 def main() -> None:

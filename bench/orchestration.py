@@ -28,17 +28,14 @@ from pathlib import Path
 from bench.common import Stopwatch, check, ratio, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_FUNCS = {
-    "tasks.data": ["ingest_stage", "clean_stage", "split_stage", "normalize_stage"],
-    "tasks.finetune": ["pretrain_stage", "finetune_stage", "transfer_gain_stage"],
-    "tasks.distill": ["distill_stage"],
-    "tasks.prune": ["prune_stage"],
-    "tasks.quantize": ["quantize_stage"],
-    "tasks.evaluate": ["evaluate_stage"],
-}
 CHANGE = "distill.temperature=2.0"  # the one-param change of the caching benchmark
-QUICK_OVERRIDES = ["train.epochs=3", "transfer.epochs=3", "distill.epochs=3", "pretrain.train.epochs=1",
-                   "evaluate.repeats=5"]
+QUICK_OVERRIDES = [
+    "train.epochs=3",
+    "transfer.epochs=3",
+    "distill.epochs=3",
+    "pretrain.train.epochs=1",
+    "evaluate.repeats=5",
+]
 
 
 def make_project(root: Path) -> Path:
@@ -55,51 +52,37 @@ def make_project(root: Path) -> Path:
 
 
 def plain_pipeline(params, root: Path) -> list[str]:
-    """The pipeline's computation as plain function calls, in the flow's order; returns the stages run."""
+    """The flow's stages as plain calls (flows/stages.py:run_plain), in the flow's order; returns the stages run.
+
+    The demo's backbone is pretrained as the pretrain flow does, then handed
+    over as a file (the plain side has no registry).
+    """
     from distilflow.layout import Layout
-    from tasks import data, distill, evaluate, finetune, prune, quantize
+    from distilflow.stages import PRETRAIN, stages_for
+    from flows.stages import run_plain
 
     layout = Layout(root)
     ran = []
-    data.ingest_stage(layout.resolve(params.data.source), layout.ingested, params.data)
-    data.clean_stage(layout.ingested, layout.cleaned, layout.cleaning_report, params.clean, params.data,
-                     params.split.n_parts)
-    data.split_stage(layout.cleaned, layout.split_dir, layout.split_report, params.split, params.seed)
-    data.normalize_stage(layout.split("train"), layout.preprocessor, params.normalize.method, params.data.image_shape)
-    ran += ["ingest", "clean", "split", "normalize"]
-    backbone, source_version = params.backbone, None
-    if backbone.spec.startswith(f"mlflow:models:/{params.pretrain.registered_model}@"):
-        # the demo's backbone: pretrain it as the pretrain flow does, then hand it over as a file
-        finetune.pretrain_stage(layout, params.pretrain, params.seed)
+    if params.backbone.spec.startswith(f"mlflow:models:/{params.pretrain.registered_model}@"):
+        run_plain(PRETRAIN, params, layout)
         pb = params.pretrain.backbone
-        backbone = backbone.model_copy(update={
-            "spec": f"file:{layout.pretrained / 'classifier/model.safetensors'}", "arch": pb.spec,
-            "width": pb.width, "depth": pb.depth, "input_size": (28, 28)})
-        source_version, ran = "plain", ran + ["pretrain"]
-    common = dict(backbone=backbone, train=params.train, seed=params.seed, image_shape=params.data.image_shape,
-                  tracking_uri=None)
-    finetune.finetune_stage(layout, source_version=source_version, **common)
-    ran.append("finetune")
-    if params.transfer.enabled and source_version is not None:
-        finetune.transfer_gain_stage(layout, transfer=params.transfer, **common)
-        ran.append("transfer_gain")
-    if params.distill.enabled:
-        distill.distill_stage(layout, params.distill, params.seed)
-        variants = {"teacher fp32": layout.teacher, "student fp32 (KD)": layout.student,
-                    "student fp32 (no KD)": layout.student_nokd}
-        source, ran = layout.student, ran + ["distill"]
-        if params.prune.enabled:
-            prune.prune_stage(layout, params.prune, params.distill, params.seed)
-            variants["student pruned fp32"] = source = layout.student_pruned
-            ran.append("prune")
-        if params.quantize.enabled:
-            info = quantize.quantize_stage(layout, params.quantize, source, params.seed, params.evaluate.threads)
-            variants["student int8"] = layout.int8("student", params.quantize.backend)
-            if "error" not in info["teacher"]:
-                variants["teacher int8"] = layout.int8("teacher", params.quantize.backend)
-            ran.append("quantize")
-        evaluate.evaluate_stage(layout, variants, params.evaluate.threads, params.evaluate.repeats, [])
-        ran.append("evaluate")
+        params = params.model_copy(
+            update={
+                "backbone": params.backbone.model_copy(
+                    update={
+                        "spec": f"file:{layout.pretrained / 'classifier/model.safetensors'}",
+                        "arch": pb.spec,
+                        "width": pb.width,
+                        "depth": pb.depth,
+                        "input_size": (28, 28),
+                    }
+                )
+            }
+        )
+        ran.append("pretrain")
+    for stage in stages_for(params):
+        run_plain(stage, params, layout)
+        ran.append(stage.name)
     return ran
 
 
@@ -107,20 +90,18 @@ def plain_pipeline(params, root: Path) -> list[str]:
 
 
 def _instrument_stages(sw: Stopwatch) -> None:
-    import importlib
+    """Time every stage function, on both sides: the flow's tasks and run_plain call them through FUNCTIONS."""
+    from flows import stages
 
-    for module, names in STAGE_FUNCS.items():
-        mod = importlib.import_module(module)
-        for name in names:
-            if hasattr(mod, name):
-                sw.wrap(mod, name, f"stage.{name.removesuffix('_stage')}")
+    for name in list(stages.FUNCTIONS):
+        sw.wrap(stages.FUNCTIONS, name, f"stage.{name}")
 
 
 def _child_plain(root: Path, overrides: list[str]) -> dict:
     sw = Stopwatch()
     with sw("import"):
+        import flows.stages  # noqa: F401 - every stage module
         from distilflow.params import load_params
-        import tasks.data, tasks.distill, tasks.evaluate, tasks.finetune, tasks.quantize  # noqa: E401,F401
     _instrument_stages(sw)
     params = load_params(root / "params.yaml", overrides)
     with sw("pipeline"):
@@ -130,7 +111,7 @@ def _child_plain(root: Path, overrides: list[str]) -> dict:
 
 def _child_prefect(root: Path, overrides: list[str]) -> dict:
     """The flow as `python -m distilflow run` runs it, with timers around where the time goes."""
-    from distilflow import cli
+    from cli import main as cli
 
     cli._quiet_environment()
     sw = Stopwatch()
@@ -142,26 +123,24 @@ def _child_prefect(root: Path, overrides: list[str]) -> dict:
         from mlflow.tracking import MlflowClient  # noqa: F401
     # before the tasks are defined: their decorators capture the cache-key function
     import distilflow.caching as caching
-    sw.wrap(caching, "content_cache_key", "prefect.cache_key")
+
+    sw.wrap(caching, "stage_cache_key", "prefect.cache_key")
     with sw("import.project"):
+        import distilflow.tracking as tracking
         import flows.pipeline as fp
-        import flows.pretrain as fpre
         from distilflow.params import load_params
         from distilflow.tracking import Run, Tracker, default_tracking_uri
     _instrument_stages(sw)
     sw.wrap(prefect_server.SubprocessASGIServer, "start", "prefect.api_start")
     for attr in ("__init__", "experiment_id", "model_version"):
         sw.wrap(Tracker, attr, f"mlflow.{'store_init' if attr == '__init__' else attr}")
-    sw.wrap(Tracker, "log_stage", "mlflow.log_stage")
-    sw.wrap(Tracker, "register_classifier", "mlflow.register_model")
+    sw.wrap(Tracker, "record_stage", "mlflow.log_stage")
+    sw.wrap(Tracker, "log_dataset", "mlflow.log_dataset")
     for attr in ("log_params", "log_metrics", "log_dict", "log_artifact", "set_tags"):
         sw.wrap(Run, attr, "mlflow.parent_logging")
-    for mod in (fp, fpre):
-        sw.wrap(mod, "run_stage", "prefect.task_run")  # task call + result, stage compute inside
-        sw.wrap(mod, "git_commit", "lineage.git_commit")
-    sw.wrap(fp, "ensure_backbone", "ensure_backbone")
-    if hasattr(fp, "register"):  # the register stage: MLflow registry work the plain side has no counterpart for
-        sw.wrap(fp, "register", "mlflow.register_stage")
+    sw.wrap(fp, "run_task", "prefect.task_run")  # task call + result, stage compute inside
+    sw.wrap(tracking, "git_commit", "lineage.git_commit")
+    sw.wrap(fp, "register", "mlflow.register_stage")  # registry work the plain side has no counterpart for
     cli._install_log_filter()
     params = load_params(root / "params.yaml", overrides)
     with sw("pipeline"):
@@ -202,9 +181,15 @@ def _children_cpu_s() -> float:
 
 def _env(prefect_home: Path, api_url: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true",
-               MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="true",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
@@ -219,13 +204,16 @@ def breakdown(prefect: dict, plain: dict) -> dict:
     mlflow_s = sum(v for k, v in t.items() if k.startswith("mlflow."))
     parts = {
         "process start (interpreter)": prefect["startup_s"] - plain["startup_s"],
-        "imports (prefect, mlflow, project)": (t.get("import.prefect", 0) + t.get("import.mlflow", 0)
-                                               + t.get("import.project", 0)) - plain["timings"].get("import", 0),
+        "imports (prefect, mlflow, project)": (
+            t.get("import.prefect", 0) + t.get("import.mlflow", 0) + t.get("import.project", 0)
+        )
+        - plain["timings"].get("import", 0),
         "Prefect API start (temporary server)": t.get("prefect.api_start", 0.0),
         "Prefect task bookkeeping (task runs, states, result persistence, cache keys)": in_task,
         "  of which cache-key hashing": t.get("prefect.cache_key", 0.0),
         "MLflow store init + experiment": t.get("mlflow.store_init", 0) + t.get("mlflow.experiment_id", 0),
-        "MLflow logging (parent + one child run per stage)": t.get("mlflow.log_stage", 0) + t.get("mlflow.parent_logging", 0),
+        "MLflow logging (parent + one child run per stage)": t.get("mlflow.log_stage", 0)
+        + t.get("mlflow.parent_logging", 0),
         "MLflow registry: pretrained backbone (pyfunc save + register + look-up)": t.get("mlflow.register_model", 0)
         + t.get("mlflow.model_version", 0),
         "MLflow registry: register stage (model card, 3 pyfunc models, lock)": t.get("mlflow.register_stage", 0.0),
@@ -254,8 +242,12 @@ def _cli_warm(root: Path, overrides: list[str], env: dict) -> dict:
             raise RuntimeError(f"`distilflow run` failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     if not out["warm"]["stdout"].startswith("up to date"):
         raise RuntimeError(f"the second `distilflow run` was not up to date:\n{out['warm']['stdout']}")
-    return {"wall_s": out["warm"]["wall_s"], "cpu_s": out["warm"]["cpu_s"],
-            "recording_wall_s": out["recording"]["wall_s"], "stdout": out["warm"]["stdout"]}
+    return {
+        "wall_s": out["warm"]["wall_s"],
+        "cpu_s": out["warm"]["cpu_s"],
+        "recording_wall_s": out["recording"]["wall_s"],
+        "stdout": out["warm"]["stdout"],
+    }
 
 
 def _start_server(prefect_home: Path, port: int) -> tuple[subprocess.Popen, float]:
@@ -264,22 +256,32 @@ def _start_server(prefect_home: Path, port: int) -> tuple[subprocess.Popen, floa
 
     env = _env(prefect_home)
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(240):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
             return proc, time.time() - t0
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError("prefect server exited during start")
+                raise RuntimeError("prefect server exited during start") from None
             time.sleep(0.5)
     proc.terminate()
     raise RuntimeError("prefect server did not become healthy in 120 s")
 
 
-def run(repeats: int = 2, quick: bool = False, overrides: list[str] | None = None, workdir: Path | None = None,
-        reuse_server: bool = True, keep: Path | None = None) -> dict:
+def run(
+    repeats: int = 2,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+    workdir: Path | None = None,
+    reuse_server: bool = True,
+    keep: Path | None = None,
+) -> dict:
     """Cold Prefect vs plain (alternating), then a warm re-run, a one-param change, and a reused server.
 
     `keep`: copy the last plain project there (its artifacts feed the compression benchmark).
@@ -291,8 +293,13 @@ def run(repeats: int = 2, quick: bool = False, overrides: list[str] | None = Non
     env = _env(home)
     # the first start of a new Prefect home migrates its database: a one-time cost, measured apart
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", "from prefect import flow\n@flow\ndef noop(): pass\nnoop()"],
-                          env=env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from prefect import flow\n@flow\ndef noop(): pass\nnoop()"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     first_start = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"Prefect home warm-up failed:\n{proc.stderr[-2000:]}")
@@ -300,8 +307,11 @@ def run(repeats: int = 2, quick: bool = False, overrides: list[str] | None = Non
     for i in range(repeats):
         plain_runs.append(run_child("plain", make_project(tmp / f"plain{i}"), overrides, env))
         prefect_runs.append(run_child("prefect", make_project(tmp / f"prefect{i}"), overrides, env))
-        print(f"  orchestration pair {i + 1}/{repeats}: plain {plain_runs[-1]['wall_s']:.1f} s, "
-              f"prefect {prefect_runs[-1]['wall_s']:.1f} s", flush=True)
+        print(
+            f"  orchestration pair {i + 1}/{repeats}: plain {plain_runs[-1]['wall_s']:.1f} s, "
+            f"prefect {prefect_runs[-1]['wall_s']:.1f} s",
+            flush=True,
+        )
     cold_root = tmp / f"prefect{repeats - 1}"
     if keep is not None:  # the real pipeline's artifacts, before the param change below overwrites the student
         shutil.copytree(cold_root, keep, dirs_exist_ok=True)
@@ -320,55 +330,108 @@ def run(repeats: int = 2, quick: bool = False, overrides: list[str] | None = Non
             server.wait(timeout=30)
         print(f"  caching: warm on a running server {reused['wall_s']:.1f} s", flush=True)
     cli = _cli_warm(cold_root, overrides + [CHANGE], env)
-    print(f"  caching: `distilflow run` recording {cli['recording_wall_s']:.1f} s, then up to date "
-          f"{cli['wall_s']:.2f} s", flush=True)
+    print(
+        f"  caching: `distilflow run` recording {cli['recording_wall_s']:.1f} s, then up to date {cli['wall_s']:.2f} s",
+        flush=True,
+    )
 
     plain_wall = summarize([r["wall_s"] for r in plain_runs])
     prefect_wall = summarize([r["wall_s"] for r in prefect_runs])
     overhead = ratio(prefect_wall, plain_wall)
     overhead_cpu = ratio(summarize([r["cpu_s"] for r in prefect_runs]), summarize([r["cpu_s"] for r in plain_runs]))
     cold_cpu = summarize([r["cpu_s"] for r in prefect_runs])
+
     # the breakdown comes from the pair whose stage compute agrees best, i.e. the one a busy machine disturbed least
     def compute_gap(i: int) -> float:
         stage = lambda r: sum(v for k, v in r["timings"].items() if k.startswith("stage."))  # noqa: E731
         return abs(stage(prefect_runs[i]) - stage(plain_runs[i]))
+
     best_pair = min(range(repeats), key=compute_gap)
     # a distill param invalidates distill and every stage after it in the flow, nothing before
     order = list(changed["stages"])
-    expected_rerun = set(order[order.index("distill"):])
+    expected_rerun = set(order[order.index("distill") :])
     reran = {k for k, v in changed["stages"].items() if v == "ran"}
     targets = [
-        check("orchestration.overhead", "Prefect + MLflow pipeline wall time / plain functions (cold, fresh project)",
-              overhead["median"], "<=", 1.15, note=f"CPU time ratio {overhead_cpu['median']:.2f}×"),
-        check("caching.warm", "warm re-run, nothing changed / cold run (wall time, cold = median)",
-              warm["wall_s"] / prefect_wall["median"], "<=", 0.10, unit="",
-              note=f"CPU-time ratio {warm['cpu_s'] / cold_cpu['median']:.3f}"),
-        check("caching.downstream_only", "after distill.temperature changes, stages rerun that should not "
-              f"(expected exactly {sorted(expected_rerun)})", len(reran ^ expected_rerun), "<=", 0, unit=""),
+        check(
+            "orchestration.overhead",
+            "Prefect + MLflow pipeline wall time / plain functions (cold, fresh project)",
+            overhead["median"],
+            "<=",
+            1.15,
+            note=f"CPU time ratio {overhead_cpu['median']:.2f}×",
+        ),
+        check(
+            "caching.warm",
+            "warm re-run, nothing changed / cold run (wall time, cold = median)",
+            warm["wall_s"] / prefect_wall["median"],
+            "<=",
+            0.10,
+            unit="",
+            note=f"CPU-time ratio {warm['cpu_s'] / cold_cpu['median']:.3f}",
+        ),
+        check(
+            "caching.downstream_only",
+            "after distill.temperature changes, stages rerun that should not "
+            f"(expected exactly {sorted(expected_rerun)})",
+            len(reran ^ expected_rerun),
+            "<=",
+            0,
+            unit="",
+        ),
     ]
-    targets.append(check("caching.warm_cli", "warm re-run through `distilflow run`, nothing changed (its up-to-date "
-                         "check answers before Prefect starts) / cold run (wall time, cold = median)",
-                         cli["wall_s"] / prefect_wall["median"], "<=", 0.10, unit="",
-                         note=f"CPU-time ratio {cli['cpu_s'] / cold_cpu['median']:.3f}"))
+    targets.append(
+        check(
+            "caching.warm_cli",
+            "warm re-run through `distilflow run`, nothing changed (its up-to-date "
+            "check answers before Prefect starts) / cold run (wall time, cold = median)",
+            cli["wall_s"] / prefect_wall["median"],
+            "<=",
+            0.10,
+            unit="",
+            note=f"CPU-time ratio {cli['cpu_s'] / cold_cpu['median']:.3f}",
+        )
+    )
     if reused is not None:
-        targets.append(check("caching.warm_running_server", "warm re-run on an already running Prefect server / "
-                             "cold run (wall time, cold = median)", reused["wall_s"] / prefect_wall["median"], "<=", 0.10,
-                             unit="", note=f"CPU-time ratio {reused['cpu_s'] / cold_cpu['median']:.3f}"))
+        targets.append(
+            check(
+                "caching.warm_running_server",
+                "warm re-run on an already running Prefect server / cold run (wall time, cold = median)",
+                reused["wall_s"] / prefect_wall["median"],
+                "<=",
+                0.10,
+                unit="",
+                note=f"CPU-time ratio {reused['cpu_s'] / cold_cpu['median']:.3f}",
+            )
+        )
     return {
         "setting": "demo pipeline (digits, MNIST-pretrained CNN teacher, KD student, int8), params.yaml"
-                   + (f" with {' '.join(overrides)}" if overrides else " as committed")
-                   + "; each run a fresh child process; cold = fresh project folder and MLflow store; Prefect's "
-                     "temporary API server (no PREFECT_API_URL) unless noted",
+        + (f" with {' '.join(overrides)}" if overrides else " as committed")
+        + "; each run a fresh child process; cold = fresh project folder and MLflow store; Prefect's "
+        "temporary API server (no PREFECT_API_URL) unless noted",
         "overrides": overrides,
         "prefect_home_first_start_s": first_start,
-        "plain_wall_s": plain_wall, "prefect_wall_s": prefect_wall, "overhead_ratio": overhead,
+        "plain_wall_s": plain_wall,
+        "prefect_wall_s": prefect_wall,
+        "overhead_ratio": overhead,
         "overhead_ratio_cpu": overhead_cpu,
         "breakdown_pair": best_pair + 1,
         "breakdown_s": breakdown(prefect_runs[best_pair], plain_runs[best_pair]),
-        "prefect_cpu_s": cold_cpu, "plain_cpu_s": summarize([r["cpu_s"] for r in plain_runs]),
-        "runs": {"plain": plain_runs, "prefect_cold": prefect_runs, "prefect_warm": warm,
-                 "prefect_param_change": changed, "prefect_warm_running_server": reused, "cli_warm": cli},
-        "param_change": {"override": CHANGE, "expected": sorted(expected_rerun), "stages": changed["stages"], "reran": sorted(reran)},
+        "prefect_cpu_s": cold_cpu,
+        "plain_cpu_s": summarize([r["cpu_s"] for r in plain_runs]),
+        "runs": {
+            "plain": plain_runs,
+            "prefect_cold": prefect_runs,
+            "prefect_warm": warm,
+            "prefect_param_change": changed,
+            "prefect_warm_running_server": reused,
+            "cli_warm": cli,
+        },
+        "param_change": {
+            "override": CHANGE,
+            "expected": sorted(expected_rerun),
+            "stages": changed["stages"],
+            "reran": sorted(reran),
+        },
         "targets": targets,
     }
 

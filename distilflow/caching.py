@@ -1,9 +1,9 @@
 """Prefect cache keys from content, not object identity.
 
-A task's key is the hash of: the source of its module and of every project
-module that module imports, transitively (a code change reruns it),
-the *content* of every input path it is given, and the params sections it is
-given. Unchanged re-runs hit the cache; a changed file or param reruns exactly
+A stage's key is the hash of: the source of its module and of every project
+module that module imports, transitively (a code change reruns it), the
+*content* of every input path it reads, and the params values it reads (as
+declared in distilflow/stages.py). Unchanged re-runs hit the cache; a changed file or param reruns exactly
 the tasks that read it, and, through their changed outputs, everything
 downstream. Nothing is pickled to compute a key.
 """
@@ -11,8 +11,7 @@ downstream. Nothing is pickled to compute a key.
 from __future__ import annotations
 
 import ast
-import inspect
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ from pydantic import BaseModel
 
 from distilflow.errors import DistilflowError
 from distilflow.hashing import params_hash, path_hash, text_hash
-from distilflow.layout import Layout
-
 
 _PROJECT_PACKAGES = ("distilflow", "tasks", "flows")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +53,7 @@ def project_imports(source_file: Path) -> set[Path]:
     return seen
 
 
-@lru_cache(maxsize=None)
+@cache
 def _source_hash(source_file: str) -> str:
     files = sorted(project_imports(Path(source_file)))
     return text_hash("".join(f"{f.relative_to(_ROOT)}\n{f.read_text()}" for f in files))
@@ -66,8 +63,6 @@ def digest(value: Any) -> str:
     """A stable digest of one task argument."""
     if isinstance(value, Path):
         return f"path:{path_hash(value)}" if value.exists() else f"missing:{value}"
-    if isinstance(value, Layout):
-        return f"layout:{value.root}"
     if isinstance(value, BaseModel):
         return f"params:{params_hash(value.model_dump(mode='json'))}"
     if isinstance(value, (list, tuple)):
@@ -77,10 +72,18 @@ def digest(value: Any) -> str:
     return repr(value)
 
 
-def content_cache_key(context, parameters: dict[str, Any]) -> str:
-    fn = context.task.fn
-    parts = [f"{fn.__module__}.{fn.__qualname__}", _source_hash(inspect.getsourcefile(fn))]
-    parts += [f"{name}={digest(value)}" for name, value in sorted(parameters.items())]
+def stage_cache_key(stage, context, parameters: dict[str, Any]) -> str:
+    """A declared stage's key: its code, the content of what it reads, the params it reads, where it writes.
+
+    Outputs count by path only (so two projects never share an entry), never
+    by content: a stage's own outputs must not change its key.
+    """
+    parts = [stage.name, _source_hash(str(_ROOT / stage.module))]
+    for name, value in sorted(parameters.items()):
+        if name in stage.deps or name in stage.params:
+            parts.append(f"{name}={digest(value)}")
+        else:
+            parts.append(f"{name}@{value}")
     return text_hash("\n".join(parts))
 
 

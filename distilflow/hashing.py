@@ -50,6 +50,7 @@ def path_hash(path: str | Path) -> str:
 
 
 def text_hash(text: str) -> str:
+    """SHA-256 of a string (code, keys)."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -28,12 +29,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
+    """JSON to `path`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     return Path(path)
 
 
 def write_text(text: str, path: str | Path) -> Path:
+    """Text to `path`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
@@ -59,6 +62,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def read_json(path: str | Path) -> Any:
+    """The JSON value in `path`."""
     return json.loads(Path(path).read_text())
 
 
@@ -71,6 +75,7 @@ def _release_arrow_memory() -> None:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """A DataFrame to parquet at `path`, atomically."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     _release_arrow_memory()
@@ -78,6 +83,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
+    """A parquet table, read so its peak memory stays near one copy."""
     # self_destruct + split_blocks: each Arrow column is freed as it becomes a pandas column, instead of
     # the whole Arrow table living on beside one consolidated copy (twice the table at the peak)
     df = pd.read_parquet(path, to_pandas_kwargs={"self_destruct": True, "split_blocks": True})

@@ -1,7 +1,9 @@
-"""Where each stage reads and writes: the one place that knows the file layout.
+"""Where each stage reads and writes: the one place that names every file (Kedro's catalog idea).
 
-`dvc.yaml` repeats these paths (DVC needs them literally); a test checks that
-the two agree.
+`PATHS` maps a name to a path relative to the project root. Stages declare
+their inputs and outputs by these names (distilflow/stages.py), `dvc.yaml` is
+generated from those declarations, and `distilflow/uptodate.py` reads them,
+so a path is written down once.
 """
 
 from __future__ import annotations
@@ -9,79 +11,84 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+PATHS: dict[str, str] = {
+    # data stages
+    "ingested": "data/interim/ingested.parquet",
+    "cleaned": "data/interim/clean.parquet",
+    "cleaning_report": "reports/cleaning.json",
+    "train": "data/split/train.parquet",
+    "val": "data/split/val.parquet",
+    "test": "data/split/test.parquet",
+    "split_report": "reports/split.json",
+    "preprocessor": "artifacts/preprocessor.json",
+    # the teacher
+    "backbone": "artifacts/backbone",
+    "teacher": "artifacts/teacher",
+    "teacher_metrics": "reports/teacher.json",
+    "teacher_history": "reports/teacher_history.csv",
+    "teacher_curve": "reports/teacher_learning_curve.png",
+    "teacher_confusion": "reports/teacher_confusion_test.png",
+    "transfer_report": "reports/transfer_gain.json",
+    # the student and its compressed forms
+    "student": "artifacts/student",
+    "student_nokd": "artifacts/student_nokd",
+    "student_metrics": "reports/student.json",
+    "student_history": "reports/student_history.csv",
+    "student_curve": "reports/student_learning_curve.png",
+    "student_confusion": "reports/student_confusion_test.png",
+    "student_pruned": "artifacts/student_pruned",
+    "prune_report": "reports/prune.json",
+    "student_int8": "artifacts/student_int8",
+    "teacher_int8": "artifacts/teacher_int8",
+    "quantize_report": "reports/quantize.json",
+    # evaluation and registration
+    "compression_report": "reports/compression.md",
+    "compression_json": "reports/compression.json",
+    "pareto": "reports/pareto.png",
+    "metrics": "reports/metrics.json",
+    "model_card": "reports/model_card.md",
+    # scratch space and the pretrain flow's output (not pipeline outputs)
+    "checkpoints": "artifacts/checkpoints",
+    "pretrained": "artifacts/pretrained",
+}
+OUTPUT_ROOTS = ("data/interim", "data/split", "artifacts", "reports")
+
 
 @dataclass(frozen=True)
 class Layout:
+    """The catalog's paths under one project root."""
+
     root: Path
 
     def __init__(self, root: str | Path = "."):
         object.__setattr__(self, "root", Path(root).resolve())
 
-    @property
-    def ingested(self) -> Path:
-        return self.root / "data/interim/ingested.parquet"
+    def path(self, name: str) -> Path:
+        """The absolute path of catalog entry `name`."""
+        return self.root / PATHS[name]
 
-    @property
-    def cleaned(self) -> Path:
-        return self.root / "data/interim/clean.parquet"
+    def __getattr__(self, name: str) -> Path:  # layout.teacher, layout.preprocessor, ...
+        if name in PATHS:
+            return self.root / PATHS[name]
+        raise AttributeError(name)
+
+    def split(self, name: str) -> Path:
+        """The parquet file of split `name` (train, val or test)."""
+        return self.path(name)
 
     @property
     def split_dir(self) -> Path:
-        return self.root / "data/split"
-
-    def split(self, name: str) -> Path:
-        return self.split_dir / f"{name}.parquet"
-
-    @property
-    def preprocessor(self) -> Path:
-        return self.root / "artifacts/preprocessor.json"
-
-    @property
-    def teacher(self) -> Path:
-        return self.root / "artifacts/teacher"
-
-    @property
-    def student(self) -> Path:
-        return self.root / "artifacts/student"
-
-    @property
-    def student_nokd(self) -> Path:
-        return self.root / "artifacts/student_nokd"
-
-    @property
-    def student_pruned(self) -> Path:
-        return self.root / "artifacts/student_pruned"
-
-    def int8(self, model: str, backend: str) -> Path:
-        """The int8 file of `model` ('student' or 'teacher'): ONNX, or TorchScript for torch_fx."""
-        return self.root / f"artifacts/{model}.int8{'.pt' if backend == 'torch_fx' else '.onnx'}"
-
-    @property
-    def compression_report(self) -> Path:
-        return self.reports / "compression.md"
-
-    @property
-    def model_card(self) -> Path:
-        return self.reports / "model_card.md"
-
-    @property
-    def pretrained(self) -> Path:
-        return self.root / "artifacts/pretrained"
-
-    def checkpoint(self, stage: str, key: str) -> Path:
-        return self.root / f"artifacts/checkpoints/{stage}-{key}.pt"
+        """The folder of the three splits."""
+        return self.path("train").parent
 
     @property
     def reports(self) -> Path:
+        """The folder of reports (metrics, plots, model card)."""
         return self.root / "reports"
 
-    @property
-    def cleaning_report(self) -> Path:
-        return self.reports / "cleaning.json"
-
-    @property
-    def split_report(self) -> Path:
-        return self.reports / "split.json"
+    def checkpoint(self, stage: str, key: str) -> Path:
+        """A stage's per-epoch checkpoint, keyed by everything that shapes its run."""
+        return self.path("checkpoints") / f"{stage}-{key}.pt"
 
     def resolve(self, path: str | Path) -> Path:
         """A params path (relative to the project root) as an absolute path."""

@@ -19,6 +19,8 @@ Label = int | str
 
 
 class Section(BaseModel):
+    """A params section: unknown keys are errors, values are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -34,7 +36,7 @@ class DataParams(Section):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "DataParams":
+    def _check(self) -> DataParams:
         if self.image_shape is not None and min(self.image_shape) < 1:
             raise ValueError(f"data.image_shape must be 3 positive ints (H, W, C), got {list(self.image_shape)}")
         if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
@@ -43,6 +45,7 @@ class DataParams(Section):
 
     @property
     def dataset_name(self) -> str:
+        """`data.name`, or the data file's stem: names the experiment and the registered model."""
         return self.name or Path(self.source).stem
 
 
@@ -70,7 +73,7 @@ class SplitParams(Section):
     test_seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitParams":
+    def _sum_to_one(self) -> SplitParams:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split.train + split.val + split.test must sum to 1, got {total:g}")
@@ -78,10 +81,13 @@ class SplitParams(Section):
 
     @property
     def n_parts(self) -> int:
+        """How many split parts get rows (each class needs one row per part)."""
         return sum(f > 0 for f in (self.train, self.val, self.test))
 
 
 class NormalizeParams(Section):
+    """How features are scaled (fitted on the train split only)."""
+
     method: Literal["standard", "minmax", "per_channel", "none"] = "per_channel"
 
 
@@ -101,7 +107,7 @@ class BackboneParams(Section):
     dropout: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _check_spec(self) -> "BackboneParams":
+    def _check_spec(self) -> BackboneParams:
         kinds = ("hf:", "mlflow:", "file:", "builtin:")
         if not self.spec.startswith(kinds):
             raise ValueError(f"backbone.spec {self.spec!r} must start with one of {', '.join(kinds)}")
@@ -138,6 +144,7 @@ class TrainParams(Section):
     augment: AugmentParams = AugmentParams()
     threads: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(default=1, ge=1)  # >1: data-parallel (DDP) over this many processes (GPUs on CUDA)
 
 
 class TransferParams(Section):
@@ -189,6 +196,7 @@ class DistillParams(Section):
     weight_decay: float = Field(default=0.01, ge=0)
     batch_size: int = Field(default=64, ge=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(default=None, gt=0)
     label_budget: int | None = Field(default=None, ge=1)
     gain_label_budgets: list[int] = [5]
 
@@ -243,6 +251,8 @@ class EvaluateParams(Section):
 
 
 class TrackingParams(Section):
+    """Where runs are tracked: the MLflow experiment name."""
+
     experiment: str | None = None
 
 
@@ -297,6 +307,8 @@ class ScheduleParams(Section):
 
 
 class Params(Section):
+    """Every tunable of a run: `params.yaml`, validated."""
+
     seed: int = Field(default=42, ge=0)
     data: DataParams = DataParams()
     clean: CleanParams = CleanParams()
@@ -315,22 +327,39 @@ class Params(Section):
     schedule: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Params":
+    def _cross_checks(self) -> Params:
         if self.normalize.method == "per_channel" and self.data.image_shape is None:
             raise ValueError("normalize.method=per_channel needs data.image_shape")
         if self.split.val == 0 or self.split.test == 0:
-            raise ValueError("split.val and split.test must be > 0: the model stages pick the best epoch on val "
-                             "and report on the frozen test split")
+            raise ValueError(
+                "split.val and split.test must be > 0: the model stages pick the best epoch on val "
+                "and report on the frozen test split"
+            )
         return self
 
     def experiment_name(self) -> str:
+        """The MLflow experiment of this dataset's runs."""
         return self.tracking.experiment or f"distilflow-{self.data.dataset_name}"
 
     def registered_model(self) -> str:
+        """The registered model name of the product."""
         return self.registry.model_name or f"distilflow-{self.data.dataset_name}"
 
     def hash(self) -> str:
+        """A short hash of every value (the run's params identity)."""
         return params_hash(self.model_dump(mode="json"))
+
+    def get(self, key: str) -> Any:
+        """The value at a dotted key (`distill.temperature`, `data`); a DistilflowError names an unknown one."""
+        node: Any = self
+        for i, part in enumerate(key.split(".")):
+            derived = isinstance(getattr(type(node), part, None), property)  # e.g. split.n_parts
+            if not isinstance(node, BaseModel) or (part not in type(node).model_fields and not derived):
+                where = ".".join(key.split(".")[:i]) or "(top level)"
+                allowed = ", ".join(type(node).model_fields) if isinstance(node, BaseModel) else "none: not a section"
+                raise DistilflowError(f"unknown params key '{key}' ('{part}' is not in {where}; allowed: {allowed})")
+            node = getattr(node, part)
+        return node
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -390,6 +419,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
+    """Validate a params mapping; every problem named by its key, in one error."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -398,6 +428,7 @@ def params_from_dict(raw: dict, source: str = "params") -> Params:
 
 
 def read_params_file(path: str | Path) -> dict:
+    """The mapping in a params YAML file, or a clear error naming the line."""
     path = Path(path)
     if not path.is_file():
         raise DistilflowError(f"params file not found: {path}")

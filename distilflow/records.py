@@ -1,8 +1,8 @@
 """The small typed record every stage task returns to the flow.
 
-Tasks exchange paths and numbers, never tables or models: `outputs` maps each
+Stages exchange paths and numbers, never tables or models: `outputs` maps each
 written file to its content hash, so the flow can tell a cached result whose
-files were since overwritten or deleted (see flows/pipeline.py:run_stage).
+files were since overwritten or deleted (see flows/stages.py:run_task).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from distilflow.hashing import path_hash
 
 @dataclass
 class StageResult:
+    """What a stage reports: its outputs' hashes, metrics, params, tags, files, history, timing."""
+
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
@@ -23,10 +25,9 @@ class StageResult:
     texts: dict[str, str] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, outputs: list[Path], **kw) -> "StageResult":
-        return cls(outputs={str(p): path_hash(p) for p in outputs}, **kw)
+    started_ms: int | None = None  # when the stage function ran (MLflow's child run shows the real duration)
+    ended_ms: int | None = None
 
     def outputs_intact(self) -> bool:
+        """Every output file still has the content this result recorded (a cache hit can be trusted)."""
         return all(Path(p).exists() and path_hash(p) == h for p, h in self.outputs.items())

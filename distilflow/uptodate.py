@@ -9,10 +9,11 @@ run reads and writes with the one the last complete run left in
 
 - the effective params (after `--set`) and `--stop-after`;
 - the tracking URI and the Prefect API URL;
-- the project's own source files (distilflow/, tasks/, flows/);
-- the data source, every pipeline output (data/interim, data/split,
-  artifacts, reports) and the embedded MLflow store, whose file any
-  registration, promotion or rollback rewrites.
+- the project's own source files (distilflow/, tasks/, flows/, cli/);
+- the data source, every output the run's stages declare
+  (distilflow/stages.py, the same declaration dvc.yaml comes from), the model
+  card, and the embedded MLflow store, whose file any registration, promotion
+  or rollback rewrites.
 
 Files count by size and modification time, so touching one counts as a
 change; the full run that follows still answers from Prefect's cache. Only
@@ -29,11 +30,12 @@ from pathlib import Path
 
 from distilflow.hashing import params_hash
 from distilflow.io import write_json
+from distilflow.layout import Layout
+from distilflow.stages import stages_for
 
 STAMP = ".distilflow/last-run.json"
 SOURCE = Path(__file__).resolve().parents[1]
-SOURCE_PACKAGES = ("distilflow", "tasks", "flows")
-OUTPUTS = ("data/interim", "data/split", "artifacts", "reports")
+SOURCE_PACKAGES = ("distilflow", "tasks", "tasks/registry", "flows", "cli")
 
 
 def _stats(path: Path) -> list:
@@ -50,17 +52,19 @@ def fingerprint(params, root: Path, tracking_uri: str, stop_after: str | None) -
     """What the last complete run must have seen for this one to be a no-op; None where that cannot be known."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    root = Path(root).resolve()
+    layout = Layout(root)
     store = Path(tracking_uri.removeprefix("sqlite:///"))
-    source = Path(params.data.source).expanduser()
-    files = [source if source.is_absolute() else root / source, store, root / "mlartifacts"]
+    outputs = [layout.path(name) for stage in stages_for(params, stop_after) for name in stage.outs.values()]
+    if stop_after is None and params.registry.enabled:
+        outputs.append(layout.path("model_card"))
+    files = [layout.resolve(params.data.source), store, layout.root / "mlartifacts"]
     state = {
         "params": params.model_dump(mode="json"),
         "stop_after": stop_after,
         "tracking_uri": tracking_uri,
         "prefect_api_url": os.environ.get("PREFECT_API_URL", ""),
         "source": [e for pkg in SOURCE_PACKAGES for p in sorted((SOURCE / pkg).glob("*.py")) for e in _stats(p)],
-        "files": [e for p in files + [root / d for d in OUTPUTS] for e in _stats(p)],
+        "files": [e for p in files + outputs for e in _stats(p)],
     }
     return params_hash(state)
 
@@ -83,5 +87,6 @@ def record_run(root: Path, current: str | None, run_id: str) -> None:
     if current is None:
         path.unlink(missing_ok=True)
         return
-    write_json({"fingerprint": current, "run_id": run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-               path)
+    write_json(
+        {"fingerprint": current, "run_id": run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, path
+    )

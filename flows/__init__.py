@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only (the pipeline, pretraining, the registry, the scheduled deployments)."""

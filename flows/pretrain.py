@@ -1,4 +1,8 @@
-"""Pretrain a backbone on MNIST and register it: the source for real transfer to digits."""
+"""The pretrain flow: a backbone trained on MNIST and registered, the source for real transfer to digits.
+
+It registers through the same all-or-nothing path as the pipeline
+(tasks/registry/registration.py), with the alias `pretrained`.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,62 @@ import time
 
 from prefect import flow
 
-from distilflow.hashing import params_hash
 from distilflow.layout import Layout
-from distilflow.params import Params
-from distilflow.tracking import Tracker, git_commit
-from flows.common import run_stage
-from tasks.finetune import pretrain_task
+from distilflow.params import PretrainParams
+from distilflow.stages import PRETRAIN
+from distilflow.tracking import Tracker, lineage_tags
+from flows.backbone import pretrain_fingerprint
+from flows.stages import run_task
 
 ALIAS = "pretrained"
 
 
-def pretrain_fingerprint(params: Params) -> str:
-    """What the registered pretrained model was built from; a change means pretrain again."""
-    return params_hash({"pretrain": params.pretrain.model_dump(mode="json"), "seed": params.seed})
-
-
 @flow(name="distilflow-pretrain", log_prints=True)
-def pretrain(params: Params, root: str, tracking_uri: str) -> dict:
+def pretrain(pretrain_params: PretrainParams, seed: int, root: str, tracking_uri: str) -> dict:
+    """Train the backbone on MNIST (cached by content) and register it as `<registered_model>@pretrained`."""
+    from distilflow.params import Params
+    from tasks.registry.registration import Variant, register_variants
+
     layout = Layout(root)
     tracker = Tracker(tracking_uri, layout.root)
-    lineage = {"git_commit": git_commit(layout.root), "params_hash": params.hash()}
-    name = params.pretrain.registered_model
-    with tracker.run(f"distilflow-pretrain-{params.pretrain.dataset}", f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}",
-                     tags=lineage) as parent:
-        parent.log_params({"pretrain": params.pretrain.model_dump(mode="json"), "seed": params.seed})
-        result, cached = run_stage(pretrain_task, pretrain=params.pretrain, seed=params.seed, layout=layout)
-        tracker.log_stage(parent, "pretrain", result, cached, lineage)
-        version = tracker.register_classifier(
-            parent, layout.pretrained / "classifier", layout.pretrained / "preprocessor.json", name, ALIAS,
-            input_example=result.info["input_example"],
-            tags={**lineage, "dataset": params.pretrain.dataset, "pretrain_fingerprint": pretrain_fingerprint(params)})
-    print(f"registered {name} version {version} as @{ALIAS} (val accuracy {result.metrics['val_accuracy']:.4f})")
+    params = Params(pretrain=pretrain_params, seed=seed)
+    lineage = lineage_tags(layout.root, params)
+    name = pretrain_params.registered_model
+    with tracker.run(
+        f"distilflow-pretrain-{pretrain_params.dataset}", f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", tags=lineage
+    ) as parent:
+        parent.log_params({"pretrain": pretrain_params.model_dump(mode="json"), "seed": seed})
+        result, cached, _ = run_task(PRETRAIN, params, layout)
+        tracker.record_stage(parent, "pretrain", result, cached, lineage)
+        parent.log_metrics(result.metrics)
+        tags = {
+            "git_commit": lineage["mlflow.source.git.commit"],
+            "params_hash": lineage["params_hash"],
+            "dataset": pretrain_params.dataset,
+            "pretrain_fingerprint": pretrain_fingerprint(pretrain_params, seed),
+        }
+        card = (
+            f"# {name}\n\nA {pretrain_params.backbone.spec} backbone pretrained on {pretrain_params.dataset} by "
+            f"distilflow's pretrain flow (validation accuracy {result.metrics['val.accuracy']:.4f}); the "
+            "pipeline's default `backbone.spec` fine-tunes it.\n"
+        )
+        registered = register_variants(
+            tracker,
+            parent,
+            [
+                Variant(
+                    name,
+                    layout.pretrained / "classifier",
+                    {"variant": "pretrained backbone", "accuracy": result.metrics["val.accuracy"]},
+                    "product",
+                )
+            ],
+            layout.pretrained / "preprocessor.json",
+            result.info["input_example"],
+            tags,
+            card,
+            alias=ALIAS,
+        )
+    version = registered["product"]
+    print(f"registered {name} version {version} as @{ALIAS} (val accuracy {result.metrics['val.accuracy']:.4f})")
     return {"run_id": parent.run_id, "model": name, "version": version, "uri": f"models:/{name}@{ALIAS}"}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import fcntl
 import re
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from prefect import flow
 
@@ -23,11 +23,19 @@ from distilflow.errors import DistilflowError
 from distilflow.layout import Layout
 from distilflow.params import Params
 from distilflow.tracking import Tracker
-from tasks import registry
+from tasks.registry import CHALLENGER, CHAMPION
+from tasks.registry import promotion as registry
+from tasks.registry.registration import require_model, version_by_alias
+from tasks.registry.scoring import score_csv
 
 
-def lock_name(model: str) -> str:
-    return "distilflow-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)
+def lock_name(model: str, tracking_uri: str) -> str:
+    """`distilflow-registry-<model>-<store>`: named after the store it guards (two projects never block each other)."""
+    from distilflow.hashing import text_hash
+    from distilflow.redact import redact
+
+    store = text_hash(redact(tracking_uri))[:10]
+    return "distilflow-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model) + f"-{store}"
 
 
 def lock_file(tracking_uri: str, model: str) -> Path | None:
@@ -35,7 +43,7 @@ def lock_file(tracking_uri: str, model: str) -> Path | None:
     if not tracking_uri.startswith("sqlite:///"):
         return None
     db = Path(tracking_uri.removeprefix("sqlite:///"))
-    return db.with_name(db.name + f".{lock_name(model)}.lock")
+    return db.with_name(db.name + f".{lock_name(model, tracking_uri)}.lock")
 
 
 @contextmanager
@@ -53,8 +61,10 @@ def _file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
                     print(f"waiting for {what}: another registration or promotion holds it", flush=True)
                     waiting = True
                 if time.monotonic() > deadline:
-                    raise DistilflowError(f"{what} is busy: another registration or promotion still holds it after "
-                                          f"{timeout_s:.0f} s (registry.lock_timeout_s)") from None
+                    raise DistilflowError(
+                        f"{what} is busy: another registration or promotion still holds it after "
+                        f"{timeout_s:.0f} s (registry.lock_timeout_s)"
+                    ) from None
                 time.sleep(0.2)
         try:
             yield
@@ -70,7 +80,7 @@ def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[No
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = lock_name(model)
+    name = lock_name(model, tracker.uri)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -83,28 +93,57 @@ def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[No
         try:
             held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
         except TimeoutError:
-            raise DistilflowError(f"registered model {model} is busy: another registration or promotion held the "
-                                  f"Prefect concurrency limit {name!r} for more than {timeout_s:.0f} s "
-                                  "(registry.lock_timeout_s)") from None
+            raise DistilflowError(
+                f"registered model {model} is busy: another registration or promotion held the "
+                f"Prefect concurrency limit {name!r} for more than {timeout_s:.0f} s "
+                "(registry.lock_timeout_s)"
+            ) from None
         if (path := lock_file(tracker.uri, model)) is not None:
             held.enter_context(_file_lock(path, timeout_s, f"registered model {model}"))
         yield
 
 
 @flow(name="distilflow-promote", log_prints=True)
-def promote(params: Params, root: str, tracking_uri: str, actor: str | None = None) -> dict:
-    """Gate `challenger` against `champion` on the frozen test split; move the aliases on a pass."""
+def promote(params: Params, root: str, tracking_uri: str, actor: str | None = None, version: str | None = None) -> dict:
+    """Gate `challenger` against `champion` on the frozen test split; move the aliases on a pass.
+
+    Three tasks, so the Prefect UI shows each step: finish an interrupted
+    promotion, decide (re-score, gates), apply (audit, tags, aliases); the gate
+    table is published as a markdown artifact.
+    """
+    from prefect import task
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.cache_policies import NO_CACHE
+
     tracker = Tracker(tracking_uri, Path(root))
     model = params.registered_model()
-    registry.require_model(tracker.client, model)
-    seen = registry.version_by_alias(tracker.client, model, registry.CHALLENGER)
+    require_model(tracker.client, model)
+    seen = version or (getattr(version_by_alias(tracker.client, model, CHALLENGER), "version", None))
+    steps = dict(cache_policy=NO_CACHE)
     with registry_lock(tracker, model, params.registry.lock_timeout_s):
-        result = registry.promote(tracker, model, params.registry.gates, Layout(root).split("test"), actor,
-                                  expected=seen.version if seen else None)
+        finished = task(name="finish-interrupted", task_run_name="finish-interrupted", **steps)(
+            registry.finish_interrupted
+        )(tracker, model)
+        if finished:
+            print(f"finished interrupted promotion(s) of {model}: " + ", ".join(f"v{v}" for v in finished))
+        decision = task(name="decide", task_run_name="decide", **steps)(registry.decide)(
+            tracker, model, params.registry.gates, Layout(root).split("test"), actor, str(seen) if seen else None
+        )
+        create_markdown_artifact(
+            decision.markdown(),
+            key=_artifact_key(model),
+            description=f"{model} v{decision.version}: {decision.decision}",
+        )
+        result = task(name="apply", task_run_name="apply", **steps)(registry.apply)(tracker, decision)
     for gate in result["gates"]:
         print(f"gate {gate['name']}: {'pass' if gate['passed'] else 'FAIL'} ({gate['reason']})")
     print(f"{model} v{result['version']}: {result['decision']}; champion is v{result['champion']}")
     return result
+
+
+def _artifact_key(model: str) -> str:
+    """Prefect artifact keys are lowercase letters, digits and dashes."""
+    return "promotion-" + re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-")
 
 
 @flow(name="distilflow-rollback", log_prints=True)
@@ -112,7 +151,7 @@ def rollback(params: Params, root: str, tracking_uri: str, reason: str, actor: s
     """Restore `previous-champion` as `champion`."""
     tracker = Tracker(tracking_uri, Path(root))
     model = params.registered_model()
-    registry.require_model(tracker.client, model)
+    require_model(tracker.client, model)
     with registry_lock(tracker, model, params.registry.lock_timeout_s):
         result = registry.rollback(tracker, model, actor, reason)
     print(f"{model}: champion is v{result['champion']} again (v{result['demoted']} demoted: {reason})")
@@ -123,10 +162,9 @@ def rollback(params: Params, root: str, tracking_uri: str, reason: str, actor: s
 def score(params: Params, root: str, tracking_uri: str, source: str, out: str, model_uri: str | None = None) -> dict:
     """Batch scoring: a CSV of raw rows through the champion (or `model_uri`), predictions to `out`."""
     tracker = Tracker(tracking_uri, Path(root))
-    uri = model_uri or f"models:/{params.registered_model()}@{registry.CHAMPION}"
+    uri = model_uri or f"models:/{params.registered_model()}@{CHAMPION}"
     if model_uri is None:
-        registry.require_model(tracker.client, params.registered_model())
-    result = registry.score_csv(tracker, uri, Layout(root).resolve(source), Layout(root).resolve(out))
+        require_model(tracker.client, params.registered_model())
+    result = score_csv(tracker, uri, Layout(root).resolve(source), Layout(root).resolve(out))
     print(f"scored {result['rows']} rows with {uri} → {result['output']}")
     return result
-

@@ -1,0 +1,1 @@
+"""The stages (one module per stage family) and the library modules they share."""

@@ -5,7 +5,8 @@ Sources:
   ResNet-18 layout with random weights (no torchvision needed);
 - `hf:<hub id or local dir>`: transformers' AutoModel (ResNet, MobileNetV2,
   ConvNeXt, ViT, ...); the pooled features feed a new head;
-- `mlflow:models:/<name>@<alias>`: the backbone of a registered distilflow model;
+- `mlflow:models:/<name>@<alias>`: the backbone of a registered distilflow model
+  (resolved to one version and downloaded by flows/backbone.py);
 - `file:<path>`: a safetensors file or a state_dict (`.pt`), with `backbone.arch`
   naming the architecture.
 
@@ -41,6 +42,7 @@ class HFBackbone(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, C, H, W) → pooled features (N, D)."""
         out = self.model(pixel_values=x)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
@@ -70,8 +72,13 @@ def _hf_blocks(model: nn.Module) -> list[nn.Module]:
 def _resnet18_config(in_channels: int):
     from transformers import ResNetConfig
 
-    return ResNetConfig(num_channels=in_channels, embedding_size=64, hidden_sizes=[64, 128, 256, 512],
-                        depths=[2, 2, 2, 2], layer_type="basic")
+    return ResNetConfig(
+        num_channels=in_channels,
+        embedding_size=64,
+        hidden_sizes=[64, 128, 256, 512],
+        depths=[2, 2, 2, 2],
+        layer_type="basic",
+    )
 
 
 def build_classifier(arch: dict, image_shape=None) -> Classifier:
@@ -80,14 +87,25 @@ def build_classifier(arch: dict, image_shape=None) -> Classifier:
     `image_shape` overrides the recorded one: the same backbone then adapts
     another dataset's images (channels and size) to what it was trained on.
     """
-    shape = tuple(image_shape) if image_shape is not None else (tuple(arch["image_shape"]) if arch["image_shape"] else None)
+    shape = (
+        tuple(image_shape) if image_shape is not None else (tuple(arch["image_shape"]) if arch["image_shape"] else None)
+    )
     kind = arch["kind"]
     if kind == "builtin:cnn" and arch.get("image_shape") is None:
         return builtin_classifier(None, arch["n_features"], arch["num_classes"], arch["width"], arch["depth"])
     if kind == "builtin:cnn":
-        body = SmallCNN(arch["in_channels"], tuple(arch["input_size"]), arch["width"], arch["depth"], arch.get("widths"))
+        body = SmallCNN(
+            arch["in_channels"], tuple(arch["input_size"]), arch["width"], arch["depth"], arch.get("widths")
+        )
         adapter = InputAdapter(shape, arch["in_channels"], tuple(arch["input_size"]))
-        return Classifier(adapter, body, body.feature_dim, arch["num_classes"], blocks=list(body.blocks), dropout=arch.get("dropout", 0.0))
+        return Classifier(
+            adapter,
+            body,
+            body.feature_dim,
+            arch["num_classes"],
+            blocks=list(body.blocks),
+            dropout=arch.get("dropout", 0.0),
+        )
     if kind == "hf":
         from transformers import AutoConfig, AutoModel
 
@@ -104,23 +122,35 @@ def _wrap_hf(body: nn.Module, arch: dict, shape) -> Classifier:
         probe_size = arch["input_size"] or (shape[:2] if shape else (32, 32))
         body.eval()
         dim = backbone(torch.zeros(1, arch["in_channels"], *probe_size)).shape[1]
-    return Classifier(adapter, backbone, dim, arch["num_classes"], blocks=_hf_blocks(body), dropout=arch.get("dropout", 0.0))
+    return Classifier(
+        adapter, backbone, dim, arch["num_classes"], blocks=_hf_blocks(body), dropout=arch.get("dropout", 0.0)
+    )
 
 
 def _fresh_arch(bp: BackboneParams, image_shape, n_features: int, num_classes: int) -> dict:
-    name = bp.spec.removeprefix("builtin:") if bp.spec.startswith("builtin:") else (bp.arch or "").removeprefix("builtin:")
+    name = (
+        bp.spec.removeprefix("builtin:") if bp.spec.startswith("builtin:") else (bp.arch or "").removeprefix("builtin:")
+    )
     in_channels = image_shape[2] if image_shape else None
     input_size = list(bp.input_size) if bp.input_size else (list(image_shape[:2]) if image_shape else None)
-    common = {"image_shape": list(image_shape) if image_shape else None, "n_features": n_features,
-              "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size, "dropout": bp.dropout}
+    common = {
+        "image_shape": list(image_shape) if image_shape else None,
+        "n_features": n_features,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": input_size,
+        "dropout": bp.dropout,
+    }
     if name == "cnn":
         return {"kind": "builtin:cnn", "width": bp.width, "depth": bp.depth, **common}
     if name == "resnet18":
         if image_shape is None:
             raise DistilflowError("backbone builtin:resnet18 needs image data (data.image_shape)")
         return {"kind": "hf", "config": _resnet18_config(in_channels).to_dict(), **common}
-    raise DistilflowError(f"backbone {bp.spec!r}{f' (arch {bp.arch})' if bp.arch else ''}: unknown built-in "
-                          "architecture (known: builtin:cnn, builtin:resnet18)")
+    raise DistilflowError(
+        f"backbone {bp.spec!r}{f' (arch {bp.arch})' if bp.arch else ''}: unknown built-in "
+        "architecture (known: builtin:cnn, builtin:resnet18)"
+    )
 
 
 def save_classifier(model: Classifier, arch: dict, directory: str | Path) -> Path:
@@ -146,21 +176,39 @@ def load_classifier(directory: str | Path, num_classes: int | None = None) -> tu
         raise DistilflowError(f"{directory} is not a saved distilflow model (needs {ARCH} and {WEIGHTS})")
     arch = json.loads((directory / ARCH).read_text())
     if num_classes is not None and arch["num_classes"] != num_classes:
-        raise DistilflowError(f"model in {directory} predicts {arch['num_classes']} classes, but the data has {num_classes}")
-    model = build_classifier(arch)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        raise DistilflowError(
+            f"model in {directory} predicts {arch['num_classes']} classes, but the data has {num_classes}"
+        )
+    with torch.random.fork_rng(devices=[]):  # its weights are about to be overwritten: leave the caller's RNG alone
+        model = build_classifier(arch)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own error types for a corrupt or truncated file
+        raise DistilflowError(f"{directory / WEIGHTS} is not a readable safetensors file ({exc})") from None
+    model.load_state_dict(state)
     return model, arch
 
 
-def _transfer(source: Classifier, source_arch: dict, image_shape, n_features: int, num_classes: int, spec: str) -> tuple[Classifier, dict]:
+def _transfer(
+    source: Classifier, source_arch: dict, image_shape, n_features: int, num_classes: int, spec: str
+) -> tuple[Classifier, dict]:
     """Keep the source's backbone (parameter transfer); adapt inputs; new head."""
     if (source_arch["image_shape"] is None) != (image_shape is None):
-        raise DistilflowError(f"backbone {spec}: was trained on {'tabular' if source_arch['image_shape'] is None else 'image'} "
-                              f"data, but data.image_shape is {image_shape}")
+        raise DistilflowError(
+            f"backbone {spec}: was trained on {'tabular' if source_arch['image_shape'] is None else 'image'} "
+            f"data, but data.image_shape is {image_shape}"
+        )
     if image_shape is None and source_arch["n_features"] != n_features:
-        raise DistilflowError(f"backbone {spec}: expects {source_arch['n_features']} features, the data has {n_features}")
-    arch = {**source_arch, "image_shape": list(image_shape) if image_shape else None, "n_features": n_features,
-            "num_classes": num_classes, "source": spec}
+        raise DistilflowError(
+            f"backbone {spec}: expects {source_arch['n_features']} features, the data has {n_features}"
+        )
+    arch = {
+        **source_arch,
+        "image_shape": list(image_shape) if image_shape else None,
+        "n_features": n_features,
+        "num_classes": num_classes,
+        "source": spec,
+    }
     model = build_classifier(arch)
     own = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
     model.load_state_dict(own, strict=False)
@@ -177,22 +225,39 @@ def _load_hf(ref: str, bp: BackboneParams, image_shape, n_features: int, num_cla
         body = AutoModel.from_pretrained(ref, use_safetensors=None)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DistilflowError(f"backbone.spec hf:{ref} could not be loaded: {first} "
-                              "(offline? give a local directory saved with save_pretrained)") from None
+        raise DistilflowError(
+            f"backbone.spec hf:{ref} could not be loaded: {first} "
+            "(offline? give a local directory saved with save_pretrained)"
+        ) from None
     in_channels = getattr(config, "num_channels", 3)
-    size = bp.input_size or (([config.image_size] * 2 if isinstance(config.image_size, int) else list(config.image_size))
-                             if config.model_type in _FIXED_SIZE else None)
-    arch = {"kind": "hf", "config": config.to_dict(), "image_shape": list(image_shape), "n_features": n_features,
-            "num_classes": num_classes, "in_channels": in_channels, "input_size": list(size) if size else None,
-            "dropout": bp.dropout, "source": f"hf:{ref}"}
+    size = bp.input_size or (
+        ([config.image_size] * 2 if isinstance(config.image_size, int) else list(config.image_size))
+        if config.model_type in _FIXED_SIZE
+        else None
+    )
+    arch = {
+        "kind": "hf",
+        "config": config.to_dict(),
+        "image_shape": list(image_shape),
+        "n_features": n_features,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": list(size) if size else None,
+        "dropout": bp.dropout,
+        "source": f"hf:{ref}",
+    }
     try:
         return _wrap_hf(body, arch, image_shape), arch
     except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise DistilflowError(f"backbone.spec hf:{ref}: not a vision model that takes pixel_values "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise DistilflowError(
+            f"backbone.spec hf:{ref}: not a vision model that takes pixel_values "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
-def _load_file(path: str, bp: BackboneParams, image_shape, n_features: int, num_classes: int) -> tuple[Classifier, dict]:
+def _load_file(
+    path: str, bp: BackboneParams, image_shape, n_features: int, num_classes: int
+) -> tuple[Classifier, dict]:
     p = Path(path)
     if not p.is_file():
         raise DistilflowError(f"backbone.spec file:{path}: no such file")
@@ -207,46 +272,49 @@ def _load_file(path: str, bp: BackboneParams, image_shape, n_features: int, num_
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise DistilflowError(f"backbone.spec file:{path}: not a weights-only state_dict ({str(exc).splitlines()[0]})") from None
+            raise DistilflowError(
+                f"backbone.spec file:{path}: not a weights-only state_dict ({str(exc).splitlines()[0]})"
+            ) from None
     arch = _fresh_arch(bp, image_shape, n_features, num_classes)
     model = build_classifier(arch)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes (e.g. another width)
-        raise DistilflowError(f"backbone.spec file:{path} does not match backbone.arch {bp.arch}: "
-                              f"{str(exc).splitlines()[-1].strip()}") from None
+        raise DistilflowError(
+            f"backbone.spec file:{path} does not match backbone.arch {bp.arch}: {str(exc).splitlines()[-1].strip()}"
+        ) from None
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing or result.unexpected_keys:
-        raise DistilflowError(f"backbone.spec file:{path} does not match backbone.arch {bp.arch}: "
-                              f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise DistilflowError(
+            f"backbone.spec file:{path} does not match backbone.arch {bp.arch}: "
+            f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
     return model, {**arch, "source": f"file:{path}"}
 
 
-def _load_mlflow(uri: str, image_shape, n_features: int, num_classes: int, tracking_uri: str | None, spec: str):
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    ref = uri.removeprefix("models:/")
-    name, sep, alias = ref.partition("@")
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        version = client.get_model_version_by_alias(name, alias).version if sep else ref.split("/")[1]
-        location = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri))
-    except (MlflowException, IndexError) as exc:
-        raise DistilflowError(f"backbone.spec {spec}: {str(exc).splitlines()[0] if str(exc) else 'not found'}") from None
-    found = sorted(local.rglob(ARCH))
+def _load_registered(source: Path | None, image_shape, n_features: int, num_classes: int, spec: str):
+    """Transfer from a registered distilflow model that flows/backbone.py downloaded to `source/classifier`."""
+    found = sorted(Path(source).rglob(ARCH)) if source is not None and Path(source).is_dir() else []
     if not found:
-        raise DistilflowError(f"backbone.spec {spec}: the registered model holds no distilflow {ARCH}")
-    source, source_arch = load_classifier(found[0].parent)
-    return _transfer(source, source_arch, image_shape, n_features, num_classes, spec)
+        raise DistilflowError(
+            f"backbone.spec {spec}: not resolved to a local copy (artifacts/backbone/ holds no "
+            f"distilflow {ARCH}); the pipeline's backbone stage resolves it first"
+        )
+    model, arch = load_classifier(found[0].parent)
+    return _transfer(model, arch, image_shape, n_features, num_classes, spec)
 
 
-def load_backbone(bp: BackboneParams, image_shape, n_features: int, num_classes: int,
-                  tracking_uri: str | None = None) -> tuple[Classifier, dict]:
-    """Spec → (classifier with a fresh head for `num_classes`, its arch record)."""
+def load_backbone(
+    bp: BackboneParams, image_shape, n_features: int, num_classes: int, source: Path | None = None
+) -> tuple[Classifier, dict]:
+    """Spec → (classifier with a fresh head for `num_classes`, its arch record).
+
+    `source`: the folder flows/backbone.py resolved the spec into (needed for
+    `mlflow:` specs, which are resolved to one registered version per run).
+    Every path builds the returned model once, from the caller's RNG state,
+    so the new head's initial weights do not depend on where the backbone came from.
+    """
     spec = bp.spec
     if spec.startswith("builtin:"):
         arch = _fresh_arch(bp, image_shape, n_features, num_classes)
@@ -256,5 +324,5 @@ def load_backbone(bp: BackboneParams, image_shape, n_features: int, num_classes:
     if spec.startswith("file:"):
         return _load_file(spec[5:], bp, image_shape, n_features, num_classes)
     if spec.startswith("mlflow:"):
-        return _load_mlflow(spec[7:], image_shape, n_features, num_classes, tracking_uri, spec)
+        return _load_registered(source, image_shape, n_features, num_classes, spec)
     raise DistilflowError(f"backbone.spec {spec!r}: unknown source (use hf:, mlflow:, file: or builtin:)")

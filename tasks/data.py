@@ -8,7 +8,7 @@ edges that read and write paths, called alike by the Prefect tasks
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import math
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,10 +20,12 @@ from distilflow.errors import DistilflowError
 from distilflow.hashing import file_md5, frame_hash
 from distilflow.io import atomic_path, read_table, write_json, write_table
 from distilflow.params import CleanParams, DataParams, SplitParams
-from tasks.preprocessing import apply_normalizer  # noqa: F401  (re-exported: the stages' one way to apply it)
+from distilflow.records import StageResult
+from tasks.dataset import cleaning_table
+from tasks.preprocessing import fit_normalizer
+from tasks.splits import LABEL, SPLITS, row_keys, stratified_split
 
-LABEL = "label"
-SPLITS = ("train", "val", "test")
+log = logging.getLogger("distilflow.data")
 DROP_RULES = (
     "missing_label",
     "invalid_label",
@@ -66,7 +68,9 @@ def _read_any(path: Path) -> pd.DataFrame:
     except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistilflowError(f"data.source {path} could not be read as {suffix[1:]}: {reason}") from None
-    raise DistilflowError(f"data.source {path}: unsupported file type '{suffix}' (use .csv, .parquet, or a CSV manifest)")
+    raise DistilflowError(
+        f"data.source {path}: unsupported file type '{suffix}' (use .csv, .parquet, or a CSV manifest)"
+    )
 
 
 def _load_images(manifest: pd.DataFrame, base: Path, data: DataParams) -> pd.DataFrame:
@@ -90,7 +94,9 @@ def _load_images(manifest: pd.DataFrame, base: Path, data: DataParams) -> pd.Dat
         except (UnidentifiedImageError, OSError) as exc:
             raise DistilflowError(f"image listed in the manifest could not be read: {p} ({exc})") from None
         rows.append(arr.reshape(-1))
-    pixels = pd.DataFrame(np.stack(rows) if rows else np.zeros((0, h * w * c)), columns=[f"px{i}" for i in range(h * w * c)])
+    pixels = pd.DataFrame(
+        np.stack(rows) if rows else np.zeros((0, h * w * c)), columns=[f"px{i}" for i in range(h * w * c)]
+    )
     return pd.concat([pixels, manifest[[data.label_column]].reset_index(drop=True)], axis=1)
 
 
@@ -108,7 +114,9 @@ def read_raw(source: str | Path, data: DataParams) -> pd.DataFrame:
     df = _read_any(path)
     if data.label_column not in df.columns:
         cols = ", ".join(map(str, df.columns[:8])) + (", ..." if len(df.columns) > 8 else "")
-        raise DistilflowError(f"label column '{data.label_column}' not found in {path} (columns: {cols}); set data.label_column")
+        raise DistilflowError(
+            f"label column '{data.label_column}' not found in {path} (columns: {cols}); set data.label_column"
+        )
     if data.path_column in df.columns:
         df = _load_images(df, path.parent, data)
     if len(df) == 0:
@@ -135,7 +143,8 @@ def read_raw(source: str | Path, data: DataParams) -> pd.DataFrame:
         h, w, c = data.image_shape
         if len(out) != h * w * c:
             raise DistilflowError(
-                f"{path} has {len(out)} feature columns, but data.image_shape {list(data.image_shape)} needs {h * w * c}"
+                f"{path} has {len(out)} feature columns, but data.image_shape {list(data.image_shape)} "
+                f"needs {h * w * c}"
             )
     table = pd.DataFrame(out)
     raw_labels = df[data.label_column]
@@ -167,20 +176,13 @@ def _feature_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c != LABEL]
 
 
-def _row_keys(frame: pd.DataFrame, salt: int | str | None = None) -> np.ndarray:
-    """One uint64 per row from its content; a salt gives a different, stable order.
-
-    pandas' own `hash_key` only salts string columns, so the salt is mixed in
-    explicitly: XOR, then pandas' uint64 mixing function.
-    """
-    keys = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    if salt is None:
-        return keys
-    mixed = int.from_bytes(hashlib.sha256(str(salt).encode()).digest()[:8], "little")
-    return pd.util.hash_array(keys ^ np.uint64(mixed))
-
-
-def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class: int) -> tuple[pd.DataFrame, dict]:
+def clean_table(
+    df: pd.DataFrame,
+    clean: CleanParams,
+    classes: list | None,
+    value_range: tuple[float, float] | None,
+    min_per_class: int,
+) -> tuple[pd.DataFrame, dict]:
     """Apply each cleaning rule in turn and count what it did.
 
     Order matters: conflicts are resolved by majority *before* exact duplicates
@@ -197,8 +199,8 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
     labels = df[LABEL].map(normalize_label)
     keep = labels.notna().to_numpy().copy()  # pandas 3 hands out read-only views
     dropped["missing_label"] = int((~keep).sum())
-    if data.classes is not None:
-        allowed = {normalize_label(c) for c in data.classes}
+    if classes is not None:
+        allowed = {normalize_label(c) for c in classes}
         valid = labels.map(lambda v: v in allowed).to_numpy()
         dropped["invalid_label"] = int((keep & ~valid).sum())
         keep &= valid
@@ -217,11 +219,11 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
         X[~finite] = np.nan  # ±inf too
     del finite
 
-    if data.value_range is not None:
-        lo, hi = data.value_range
+    if value_range is not None:
+        lo, hi = value_range
         with np.errstate(invalid="ignore"):
-            outside = X < lo
-            outside |= X > hi
+            outside = lo > X
+            outside |= hi < X
         if clean.out_of_range == "drop":
             rows = outside.any(axis=1)
             dropped["out_of_range"] = int((keep & rows).sum())
@@ -232,7 +234,7 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
         del outside
 
     # row hashes of every row, then only the kept ones: a row's hash does not depend on the others
-    fkey = _row_keys(pd.DataFrame(X, copy=False))
+    fkey = row_keys(pd.DataFrame(X, copy=False))
     rows = np.flatnonzero(keep)
     y = _uniform_labels(labels[rows])
     conflict_free = _resolve_conflicts(fkey[rows], y, clean.conflicting_labels)
@@ -262,10 +264,14 @@ def clean(df: pd.DataFrame, clean: CleanParams, data: DataParams, min_per_class:
     out = pd.DataFrame(X, columns=features, copy=False)
     out.insert(0, LABEL, y)
     if len(out) == 0:
-        raise DistilflowError(f"no rows left after cleaning ({rows_in} in): {_nonzero(dropped)}; check data.classes and data.value_range")
+        raise DistilflowError(
+            f"no rows left after cleaning ({rows_in} in): {_nonzero(dropped)}; check data.classes and data.value_range"
+        )
     n_classes = out[LABEL].nunique()
     if n_classes < 2:
-        raise DistilflowError(f"only {n_classes} class left after cleaning ({_nonzero(dropped)}); a classifier needs at least 2")
+        raise DistilflowError(
+            f"only {n_classes} class left after cleaning ({_nonzero(dropped)}); a classifier needs at least 2"
+        )
     report = {
         "rows_in": rows_in,
         "rows_out": len(out),
@@ -311,237 +317,82 @@ def _resolve_conflicts(fkey: np.ndarray, y: np.ndarray, mode: str) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------
-# split
+# stages: path in, path out (the same functions for Prefect and DVC; see distilflow/stages.py)
 
 
-def _quota(n: int, fraction: float) -> int:
-    return 0 if fraction == 0 else max(1, math.floor(n * fraction + 0.5))
-
-
-def stratified_split(df: pd.DataFrame, split: SplitParams, seed: int) -> dict[str, pd.DataFrame]:
-    """Per-class train/val/test split by salted content hash.
-
-    Each row's place depends only on its own content and the salt, never on
-    row order, machine or library RNG, so the test split is frozen: the same
-    cleaned data gives the same test rows everywhere. `split.test_seed` salts
-    the test choice; `seed` salts train/val among the rest.
-    """
-    y = df[LABEL].to_numpy()
-    counts = df[LABEL].value_counts()
-    small = counts[counts < split.n_parts]
-    if len(small):
-        raise DistilflowError(
-            f"too few samples to stratify: classes {({str(k): int(v) for k, v in small.items()})} "
-            f"have fewer than {split.n_parts} rows (one per split part)"
-        )
-    n_per_row = counts.reindex(y).to_numpy()
-    n_test = np.array([_quota(n, split.test) for n in n_per_row])
-    n_val = np.array([_quota(n, split.val) for n in n_per_row])
-    if np.any(n_per_row - n_test - n_val < 1):
-        raise DistilflowError("split.train is too small: some class gets no training rows; raise split.train")
-
-    test_key = _row_keys(df, salt=split.test_seed)
-    rank = _rank_within_class(y, test_key)
-    is_test = rank < n_test
-    val_key = _row_keys(df, salt=f"trainval-{seed}")
-    rest = ~is_test
-    rank_rest = np.full(len(df), -1)
-    rank_rest[rest] = _rank_within_class(y[rest], val_key[rest])
-    is_val = rest & (rank_rest < n_val)
-    part = np.where(is_test, "test", np.where(is_val, "val", "train"))
-    out = {}
-    for name in SPLITS:
-        mask = part == name
-        # order by content hash, so a split's bytes do not depend on input order
-        order = np.argsort(test_key[mask], kind="stable")
-        out[name] = df.take(np.flatnonzero(mask)[order]).reset_index(drop=True)  # one copy, not two
-    return out
-
-
-def _rank_within_class(y: np.ndarray, key: np.ndarray) -> np.ndarray:
-    frame = pd.DataFrame({"y": y, "k": key})
-    frame = frame.sort_values(["y", "k"], kind="stable")
-    ranks = frame.groupby("y", sort=False).cumcount()
-    return ranks.reindex(range(len(y))).to_numpy()
-
-
-# ----------------------------------------------------------------------------
-# normalize
-
-
-def _by_column_blocks(stat, X: np.ndarray, block: int = 16) -> np.ndarray:
-    """`stat(X, axis=0)` a few columns at a time: numpy's median and std copy the whole of X first."""
-    if X.shape[1] == 0:
-        return np.zeros(0)
-    return np.concatenate([stat(X[:, j : j + block], axis=0) for j in range(0, X.shape[1], block)])
-
-
-def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int, int] | None) -> dict:
-    """Fit imputation and scaling on the train split only, as a JSON-able record.
-
-    Every method reduces to per-feature (impute, shift, scale) vectors, so
-    serving applies one formula: (fill_nan(x, impute) - shift) / scale.
-    """
-    features = _feature_columns(train)
-    X = train[features].to_numpy(dtype=np.float64, copy=True)  # ours to fill in place
-    missing = np.isnan(X)
-    with np.errstate(all="ignore"):
-        impute = _by_column_blocks(np.nanmedian if missing.any() else np.median, X)
-    impute = np.where(np.isfinite(impute), impute, 0.0)
-    np.copyto(X, np.broadcast_to(impute, X.shape), where=missing)
-    del missing
-    if method == "standard":
-        shift, scale = X.mean(axis=0), _by_column_blocks(np.std, X)
-    elif method == "minmax":
-        shift, scale = X.min(axis=0), X.max(axis=0) - X.min(axis=0)
-    elif method == "per_channel":
-        c = image_shape[2]
-        per_channel = X.reshape(len(X), -1, c)
-        mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
-        shift, scale = np.tile(mean, X.shape[1] // c), np.tile(std, X.shape[1] // c)
-    elif method == "none":
-        shift, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
-    else:
-        raise DistilflowError(f"normalize.method: unknown method {method!r} (allowed: standard, minmax, per_channel, none)")
-    scale = np.where(scale > 0, scale, 1.0)  # constant features (digits' blank corners) pass through centred
-    classes = sorted(train[LABEL].unique().tolist())
-    return {
-        "version": 1,
-        "method": method,
-        "feature_columns": features,
-        "image_shape": list(image_shape) if image_shape else None,
-        "classes": classes,
-        "impute": impute.tolist(),
-        "shift": shift.tolist(),
-        "scale": scale.tolist(),
-    }
-
-
-# ----------------------------------------------------------------------------
-# stages: path in, path out (the same entry points for Prefect and DVC)
-
-
-def ingest_stage(source: Path, out: Path, data: DataParams) -> dict:
+def ingest_stage(source: Path, ingested: Path, data: DataParams) -> StageResult:
+    """Read the raw table or image manifest into `label` + numeric features."""
     table = read_raw(source, data)
-    write_table(table, out)
-    return {"rows": len(table), "features": table.shape[1] - 1, "data_md5": file_md5(source)}
-
-
-def clean_stage(inp: Path, out: Path, report_path: Path, clean_params: CleanParams, data: DataParams, min_per_class: int) -> dict:
-    cleaned, report = clean(read_table(inp), clean_params, data, min_per_class)
-    write_table(cleaned, out)
-    write_json(report, report_path)
-    return report
-
-
-def split_stage(inp: Path, out_dir: Path, report_path: Path, split: SplitParams, seed: int) -> dict:
-    parts = stratified_split(read_table(inp), split, seed)
-    report = {"sizes": {}, "hashes": {}, "class_counts": {}}
-    with ExitStack() as moves:  # all three files are written before any replaces its old version
-        for name, frame in parts.items():
-            frame.to_parquet(moves.enter_context(atomic_path(Path(out_dir) / f"{name}.parquet")), index=False)
-    for name, frame in parts.items():
-        report["sizes"][name] = len(frame)
-        report["hashes"][name] = frame_hash(frame)
-        report["class_counts"][name] = {str(k): int(v) for k, v in frame[LABEL].value_counts().sort_index().items()}
-    write_json(report, report_path)
-    return report
-
-
-def normalize_stage(train_path: Path, out: Path, method: str, image_shape: tuple[int, int, int] | None) -> dict:
-    pre = fit_normalizer(read_table(train_path), method, image_shape)
-    write_json(pre, out)
-    return {"method": method, "n_features": len(pre["feature_columns"]), "classes": pre["classes"]}
-
-
-def cleaning_table(report: dict) -> str:
-    """The cleaning report as a markdown table a person can read in the MLflow UI."""
-    lines = ["| rule | rows dropped |", "|---|---:|", f"| rows in | {report['rows_in']} |"]
-    lines += [f"| {rule.replace('_', ' ')} | {n} |" for rule, n in report["dropped"].items()]
-    lines += [f"| **rows out** | **{report['rows_out']}** |", ""]
-    lines += ["| change in place | cells |", "|---|---:|"]
-    lines += [f"| {k.replace('_', ' ')} | {v} |" for k, v in report["modified"].items()]
-    if report["rare_classes_dropped"]:
-        lines += ["", f"Rare classes dropped (class: rows): {report['rare_classes_dropped']}"]
-    return "\n".join(lines) + "\n"
-
-
-def load_xy(split_path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A split as model input: normalised float32 features and class indices (order of pre['classes'])."""
-    frame = read_table(split_path)
-    index = {c: i for i, c in enumerate(pre["classes"])}
-    y = frame[LABEL].map(index)
-    if y.isna().any():
-        unknown = sorted(set(frame[LABEL][y.isna()].astype(str)))[:5]
-        raise DistilflowError(f"{split_path} has labels the preprocessor does not know: {unknown}")
-    return apply_normalizer(pre, frame), y.to_numpy(dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------
-# Prefect tasks: naming, retries and content-keyed caching; no logic.
-
-from prefect import task  # noqa: E402
-
-from distilflow.caching import content_cache_key, retry_unless_user_error  # noqa: E402
-from distilflow.layout import Layout  # noqa: E402
-from distilflow.records import StageResult  # noqa: E402
-
-CACHED = dict(cache_key_fn=content_cache_key, persist_result=True)
-RETRY_IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_unless_user_error)
-
-
-@task(name="ingest", **CACHED, **RETRY_IO)
-def ingest_task(source: Path, data: DataParams, layout: Layout) -> StageResult:
-    info = ingest_stage(source, layout.ingested, data)
-    return StageResult.of(
-        [layout.ingested],
-        metrics={"rows": info["rows"], "features": info["features"]},
+    write_table(table, ingested)
+    md5 = file_md5(source)
+    return StageResult(
+        metrics={"rows": len(table), "features": table.shape[1] - 1},
         params={"source": str(source), "label_column": data.label_column, "image_shape": str(data.image_shape)},
-        tags={"data_md5": info["data_md5"]},
-        info=info,
+        tags={"data_md5": md5},
+        info={"rows": len(table), "data_md5": md5},
     )
 
 
-@task(name="clean", **CACHED)
-def clean_task(ingested: Path, clean_params: CleanParams, data: DataParams, min_per_class: int, layout: Layout) -> StageResult:
-    report = clean_stage(ingested, layout.cleaned, layout.cleaning_report, clean_params, data, min_per_class)
+def clean_stage(
+    ingested: Path,
+    cleaned: Path,
+    cleaning_report: Path,
+    clean: CleanParams,
+    classes: list | None,
+    value_range: tuple[float, float] | None,
+    min_per_class: int,
+) -> StageResult:
+    """Apply the cleaning rules; the report counts what each did (`min_per_class`: one row per split part)."""
+    table, report = clean_table(read_table(ingested), clean, classes, value_range, min_per_class)
+    write_table(table, cleaned)
+    write_json(report, cleaning_report)
     if report["rare_classes_dropped"]:
-        from prefect import get_run_logger
-
-        get_run_logger().warning(f"dropped classes too small to stratify (class: rows): {report['rare_classes_dropped']}")
+        log.warning(f"dropped classes too small to stratify (class: rows): {report['rare_classes_dropped']}")
     metrics = {"rows_in": report["rows_in"], "rows_out": report["rows_out"]}
     metrics |= {f"dropped.{k}": v for k, v in report["dropped"].items()}
     metrics |= {f"modified.{k}": v for k, v in report["modified"].items()}
-    return StageResult.of(
-        [layout.cleaned, layout.cleaning_report],
+    return StageResult(
         metrics=metrics,
-        params=clean_params.model_dump(mode="json"),
-        artifacts=[str(layout.cleaning_report)],
+        params=clean.model_dump(mode="json"),
+        artifacts=[str(cleaning_report)],
         texts={"cleaning_report.md": cleaning_table(report)},
         info=report,
     )
 
 
-@task(name="split", **CACHED)
-def split_task(cleaned: Path, split: SplitParams, seed: int, layout: Layout) -> StageResult:
-    report = split_stage(cleaned, layout.split_dir, layout.split_report, split, seed)
-    return StageResult.of(
-        [layout.split(n) for n in SPLITS] + [layout.split_report],
+def split_stage(
+    cleaned: Path, train: Path, val: Path, test: Path, split_report: Path, split: SplitParams, seed: int
+) -> StageResult:
+    """The frozen, stratified train/val/test split."""
+    parts = stratified_split(read_table(cleaned), split, seed)
+    report = {"sizes": {}, "hashes": {}, "class_counts": {}}
+    paths = dict(zip(SPLITS, (train, val, test)))
+    with ExitStack() as moves:  # all three files are written before any replaces its old version
+        for name, frame in parts.items():
+            frame.to_parquet(moves.enter_context(atomic_path(paths[name])), index=False)
+    for name, frame in parts.items():
+        report["sizes"][name] = len(frame)
+        report["hashes"][name] = frame_hash(frame)
+        report["class_counts"][name] = {str(k): int(v) for k, v in frame[LABEL].value_counts().sort_index().items()}
+    write_json(report, split_report)
+    return StageResult(
         metrics={f"rows.{k}": v for k, v in report["sizes"].items()},
         params=split.model_dump(mode="json") | {"seed": seed},
         tags={f"split_hash.{k}": v for k, v in report["hashes"].items()},
-        artifacts=[str(layout.split_report)],
+        artifacts=[str(split_report)],
         info=report,
     )
 
 
-@task(name="normalize", **CACHED)
-def normalize_task(train: Path, method: str, image_shape: tuple[int, int, int] | None, layout: Layout) -> StageResult:
-    info = normalize_stage(train, layout.preprocessor, method, image_shape)
-    return StageResult.of(
-        [layout.preprocessor],
-        metrics={"n_features": info["n_features"], "n_classes": len(info["classes"])},
+def normalize_stage(
+    train: Path, preprocessor: Path, method: str, image_shape: tuple[int, int, int] | None
+) -> StageResult:
+    """Fit imputation and scaling on the train split; the record later stages and the served model apply."""
+    pre = fit_normalizer(read_table(train), method, image_shape)
+    write_json(pre, preprocessor)
+    return StageResult(
+        metrics={"n_features": len(pre["feature_columns"]), "n_classes": len(pre["classes"])},
         params={"method": method},
-        artifacts=[str(layout.preprocessor)],
-        info=info,
+        artifacts=[str(preprocessor)],
+        info={"method": method, "n_features": len(pre["feature_columns"]), "classes": pre["classes"]},
     )

@@ -20,14 +20,19 @@ from torch.nn import functional as F
 class InputAdapter(nn.Module):
     """Flat rows → NCHW images at the backbone's channels and size."""
 
-    def __init__(self, image_shape: tuple[int, int, int] | None, in_channels: int | None = None,
-                 size: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int] | None,
+        in_channels: int | None = None,
+        size: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.image_shape = tuple(image_shape) if image_shape else None
         self.in_channels = in_channels
         self.size = tuple(size) if size else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat rows → images at the backbone's channels and size."""
         if self.image_shape is None:
             return x
         h, w, c = self.image_shape
@@ -42,14 +47,22 @@ class InputAdapter(nn.Module):
         return x.contiguous()
 
     def extra_repr(self) -> str:
+        """What the adapter does, in the module's printout."""
         return f"image_shape={self.image_shape}, in_channels={self.in_channels}, size={self.size}"
 
 
 class Classifier(nn.Module):
     """adapter → backbone → (N, feature_dim) features → linear head."""
 
-    def __init__(self, adapter: InputAdapter, backbone: nn.Module, feature_dim: int, num_classes: int,
-                 blocks: list[nn.Module] | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        adapter: InputAdapter,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        blocks: list[nn.Module] | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.adapter = adapter
         self.backbone = backbone
@@ -60,18 +73,23 @@ class Classifier(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
+        """The backbone's blocks, input to output (what unfreezing walks over)."""
         return list(self._blocks) if self._blocks is not None else [self.backbone]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows → backbone features (N, feature_dim)."""
         return self.backbone(self.adapter(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Features → class logits."""
         return self.head(self.dropout(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows → class logits."""
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes`."""
         self.head = nn.Linear(self.feature_dim, num_classes)
 
 
@@ -79,6 +97,8 @@ class Classifier(nn.Module):
 
 
 class ConvBlock(nn.Sequential):
+    """conv 3×3 → BatchNorm → ReLU (→ 2×2 max-pool): one block of the built-in CNN."""
+
     def __init__(self, c_in: int, c_out: int, pool: bool):
         layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         if pool:
@@ -93,19 +113,27 @@ class SmallCNN(nn.Module):
     the same family fits 8×8 digits and 28×28 MNIST.
     """
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 16, depth: int = 3,
-                 widths: list[int] | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: tuple[int, int],
+        width: int = 16,
+        depth: int = 3,
+        widths: list[int] | None = None,
+    ):
         super().__init__()
         # explicit `widths` describe a channel-pruned member of the family
         widths = list(widths) if widths else [width * 2 ** min(i, 3) for i in range(depth)]
         depth = len(widths)
         n_pool = max(0, min(depth, int(math.log2(min(image_size))) - 1))
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out, pool=i < n_pool) for i, (c_in, c_out) in enumerate(zip([in_channels] + widths, widths))
+            ConvBlock(c_in, c_out, pool=i < n_pool)
+            for i, (c_in, c_out) in enumerate(zip([in_channels] + widths, widths))
         )
         self.feature_dim = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images → globally pooled features (N, feature_dim)."""
         for block in self.blocks:
             x = block(x)
         return x.mean(dim=(2, 3))
@@ -121,13 +149,15 @@ class MLP(nn.Module):
         self.feature_dim = dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows → the last hidden layer's activations."""
         for block in self.blocks:
             x = block(x)
         return x
 
 
-def builtin_classifier(image_shape: tuple[int, int, int] | None, n_features: int, num_classes: int,
-                       width: int = 16, depth: int = 3) -> Classifier:
+def builtin_classifier(
+    image_shape: tuple[int, int, int] | None, n_features: int, num_classes: int, width: int = 16, depth: int = 3
+) -> Classifier:
     """A from-scratch model of the built-in family: CNN for images, MLP for tables."""
     if image_shape is None:
         body = MLP(n_features, width=width, depth=depth)
@@ -138,4 +168,5 @@ def builtin_classifier(image_shape: tuple[int, int, int] | None, n_features: int
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (elements) of a module."""
     return sum(p.numel() for p in model.parameters())

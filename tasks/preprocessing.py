@@ -1,7 +1,9 @@
-"""Applying the fitted preprocessing: the one piece the served model shares with training.
+"""The preprocessing fitted on train and applied everywhere: the one piece the served model shares with training.
 
-Kept free of Prefect and pydantic, so the registered model (tasks/serving.py)
-imports only numpy and pandas on top of its runtime.
+`fit_normalizer` (train split only) gives a JSON-able record; `apply_normalizer`
+applies it, in training and in the served model alike. Kept free of Prefect
+and pydantic, so the registered model (tasks/serving.py) imports only numpy
+and pandas on top of its runtime.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import pandas as pd
 
 from distilflow.errors import DistilflowError
 
+LABEL = "label"  # the label column of every table after ingestion (tasks/splits.py re-exports it)
+
 
 def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
-    """Raw feature columns → normalised float32 matrix, as fitted by `tasks/data.py:fit_normalizer`."""
+    """Raw feature columns → normalised float32 matrix, as fitted by `fit_normalizer`."""
     missing = [c for c in pre["feature_columns"] if c not in features.columns]
     if missing:
         raise DistilflowError(f"input is missing feature columns: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -24,3 +28,53 @@ def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
     impute = np.asarray(pre["impute"])
     X = np.where(np.isfinite(X), X, impute)
     return ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)
+
+
+def _by_column_blocks(stat, X: np.ndarray, block: int = 16) -> np.ndarray:
+    """`stat(X, axis=0)` a few columns at a time: numpy's median and std copy the whole of X first."""
+    if X.shape[1] == 0:
+        return np.zeros(0)
+    return np.concatenate([stat(X[:, j : j + block], axis=0) for j in range(0, X.shape[1], block)])
+
+
+def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int, int] | None) -> dict:
+    """Fit imputation and scaling on the train split only, as a JSON-able record.
+
+    Every method reduces to per-feature (impute, shift, scale) vectors, so
+    serving applies one formula: (fill_nan(x, impute) - shift) / scale.
+    """
+    features = [c for c in train.columns if c != LABEL]
+    X = train[features].to_numpy(dtype=np.float64, copy=True)  # ours to fill in place
+    missing = np.isnan(X)
+    with np.errstate(all="ignore"):
+        impute = _by_column_blocks(np.nanmedian if missing.any() else np.median, X)
+    impute = np.where(np.isfinite(impute), impute, 0.0)
+    np.copyto(X, np.broadcast_to(impute, X.shape), where=missing)
+    del missing
+    if method == "standard":
+        shift, scale = X.mean(axis=0), _by_column_blocks(np.std, X)
+    elif method == "minmax":
+        shift, scale = X.min(axis=0), X.max(axis=0) - X.min(axis=0)
+    elif method == "per_channel":
+        c = image_shape[2]
+        per_channel = X.reshape(len(X), -1, c)
+        mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
+        shift, scale = np.tile(mean, X.shape[1] // c), np.tile(std, X.shape[1] // c)
+    elif method == "none":
+        shift, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
+    else:
+        raise DistilflowError(
+            f"normalize.method: unknown method {method!r} (allowed: standard, minmax, per_channel, none)"
+        )
+    scale = np.where(scale > 0, scale, 1.0)  # constant features (digits' blank corners) pass through centred
+    classes = sorted(train[LABEL].unique().tolist())
+    return {
+        "version": 1,
+        "method": method,
+        "feature_columns": features,
+        "image_shape": list(image_shape) if image_shape else None,
+        "classes": classes,
+        "impute": impute.tolist(),
+        "shift": shift.tolist(),
+        "scale": scale.tolist(),
+    }

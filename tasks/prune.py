@@ -19,14 +19,22 @@ from __future__ import annotations
 import copy
 import gzip
 import io
-from typing import Callable
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from distilflow.errors import DistilflowError
-from distilflow.params import PruneParams
+from distilflow.io import write_json
+from distilflow.params import DistillParams, PruneParams
+from distilflow.records import StageResult
+from tasks import kd
+from tasks.backbones import load_classifier, save_classifier
+from tasks.dataset import load_splits
+from tasks.metrics import accuracy
 from tasks.models import Classifier, ConvBlock, SmallCNN, count_parameters
 
 Finetune = Callable[[nn.Module], object]
@@ -58,10 +66,14 @@ def state_dict_bytes(model: nn.Module) -> tuple[int, int]:
 def _size_report(before: nn.Module, after: nn.Module) -> dict:
     (raw0, gz0), (raw1, gz1) = state_dict_bytes(before), state_dict_bytes(after)
     return {
-        "params_before": count_parameters(before), "params_after": count_parameters(after),
-        "file_bytes_before": raw0, "file_bytes_after": raw1,
-        "gzip_bytes_before": gz0, "gzip_bytes_after": gz1,
-        "sparsity_before": sparsity(before), "sparsity_after": sparsity(after),
+        "params_before": count_parameters(before),
+        "params_after": count_parameters(after),
+        "file_bytes_before": raw0,
+        "file_bytes_after": raw1,
+        "gzip_bytes_before": gz0,
+        "gzip_bytes_after": gz1,
+        "sparsity_before": sparsity(before),
+        "sparsity_after": sparsity(after),
     }
 
 
@@ -95,7 +107,8 @@ def magnitude_prune(model: nn.Module, amount: float, finetune: Finetune | None =
         f"stay dense: the saved file is {report['file_bytes_after']:,} bytes (was {report['file_bytes_before']:,}) "
         f"and dense CPU kernels do the same work. It only shrinks when compressed (gzip: "
         f"{report['gzip_bytes_before']:,} → {report['gzip_bytes_after']:,} bytes) or run by a sparse runtime; "
-        f"use prune.method=channel for a smaller, faster dense model.")
+        f"use prune.method=channel for a smaller, faster dense model."
+    )
     return pruned, report
 
 
@@ -134,8 +147,10 @@ def channel_prune(model: Classifier, amount: float, finetune: Finetune | None = 
         raise DistilflowError(f"prune.sparsity must be in [0, 1), got {amount}")
     if not isinstance(model, Classifier) or not isinstance(model.backbone, SmallCNN):
         name = type(getattr(model, "backbone", model)).__name__
-        raise DistilflowError(f"prune.method=channel works on the built-in CNN family (SmallCNN) only, got {name}; "
-                              "use prune.method=l1_unstructured")
+        raise DistilflowError(
+            f"prune.method=channel works on the built-in CNN family (SmallCNN) only, got {name}; "
+            "use prune.method=l1_unstructured"
+        )
     pruned = copy.deepcopy(model)
     body = pruned.backbone
     keep_in = torch.arange(body.blocks[0][0].in_channels)
@@ -155,12 +170,18 @@ def channel_prune(model: Classifier, amount: float, finetune: Finetune | None = 
     if finetune is not None:
         finetune(pruned)
     pruned.eval()
-    report = {"method": "channel", "requested_sparsity": amount, **_size_report(model, pruned),
-              "channels_before": [b[0].out_channels for b in model.backbone.blocks],
-              "channels_after": [b[0].out_channels for b in body.blocks]}
-    report["note"] = (f"Channel pruning rebuilt smaller dense layers: {report['params_before']:,} → "
-                      f"{report['params_after']:,} parameters, {report['file_bytes_before']:,} → "
-                      f"{report['file_bytes_after']:,} bytes.")
+    report = {
+        "method": "channel",
+        "requested_sparsity": amount,
+        **_size_report(model, pruned),
+        "channels_before": [b[0].out_channels for b in model.backbone.blocks],
+        "channels_after": [b[0].out_channels for b in body.blocks],
+    }
+    report["note"] = (
+        f"Channel pruning rebuilt smaller dense layers: {report['params_before']:,} → "
+        f"{report['params_after']:,} parameters, {report['file_bytes_before']:,} → "
+        f"{report['file_bytes_after']:,} bytes."
+    )
     return pruned, report
 
 
@@ -174,40 +195,46 @@ def prune_model(model: Classifier, params: PruneParams, finetune: Finetune | Non
 # ---------------------------------------------------------------------------- stage (I/O at the edge)
 
 
-def prune_stage(layout, params: PruneParams, distill_params, seed: int) -> dict:
-    """Prune artifacts/student (fine-tuning with KD from the teacher), save artifacts/student_pruned/."""
-    from tasks.backbones import load_classifier, save_classifier
-    from tasks.distill import distill
-    from tasks.finetune import accuracy, load_splits
-
-    pre, data = load_splits(layout)
+def prune_stage(
+    train: Path,
+    val: Path,
+    test: Path,
+    preprocessor: Path,
+    student: Path,
+    teacher: Path,
+    student_pruned: Path,
+    prune_report: Path,
+    cfg: PruneParams,
+    distill_cfg: DistillParams,
+    seed: int,
+    device: str,
+    threads: int | None,
+) -> StageResult:
+    """Prune the student (fine-tuning it with KD from the teacher while pruned); save the pruned student."""
+    pre, data = load_splits(train, val, test, preprocessor)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
-    teacher, _ = load_classifier(layout.teacher, len(pre["classes"]))
-    student, arch = load_classifier(layout.student, len(pre["classes"]))
-    short = distill_params.model_copy(update={"epochs": params.finetune_epochs})
-    finetune = (lambda m: distill(teacher, m, Xtr, ytr, Xva, yva, short, seed)) if params.finetune_epochs else None
-    pruned, report = prune_model(student, params, finetune)
+    teacher_model, _ = load_classifier(teacher, len(pre["classes"]))
+    model, arch = load_classifier(student, len(pre["classes"]))
+    short = distill_cfg.model_copy(update={"epochs": cfg.finetune_epochs})
+    finetune = (
+        (
+            lambda m: kd.distill(
+                teacher_model, m, Xtr, ytr, Xva, yva, short, seed, device, threads, desc="prune fine-tune"
+            )
+        )
+        if cfg.finetune_epochs
+        else None
+    )
+    pruned, report = prune_model(model, cfg, finetune)
     if isinstance(pruned.backbone, SmallCNN):  # channel pruning leaves irregular widths
         arch = {**arch, "widths": [block[0].out_channels for block in pruned.backbone.blocks]}
-    save_classifier(pruned, arch, layout.student_pruned)
+    save_classifier(pruned, arch, student_pruned)
     report["test_accuracy"] = accuracy(pruned, Xte, yte)
-    return report
-
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from prefect import task  # noqa: E402
-
-from distilflow.caching import content_cache_key  # noqa: E402
-from distilflow.records import StageResult  # noqa: E402
-
-
-@task(name="prune", cache_key_fn=content_cache_key, persist_result=True)
-def prune_task(student: Path, teacher: Path, data: list[Path], params: PruneParams, distill_params, seed: int,
-               layout) -> StageResult:
-    report = prune_stage(layout, params, distill_params, seed)
+    write_json(report, prune_report)
     numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return StageResult.of([layout.student_pruned], metrics=numbers, params=params.model_dump(mode="json"),
-                          texts={"prune_report.json": json.dumps(report, indent=2, default=str)},
-                          info=report)
+    return StageResult(
+        metrics=numbers,
+        params=cfg.model_dump(mode="json"),
+        texts={"prune_report.json": json.dumps(report, indent=2, default=str)},
+        info=report,
+    )

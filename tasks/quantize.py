@@ -31,43 +31,39 @@ moved to the output path, so an over-budget model is never left there.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
+import json
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from distilflow.errors import DistilflowError
-from distilflow.io import atomic_path
+from distilflow.io import atomic_dir, atomic_path, write_json
 from distilflow.params import QuantizeParams
+from distilflow.records import StageResult
+from tasks.backbones import load_classifier
+from tasks.dataset import load_splits
+from tasks.engine import LoopConfig, train
+from tasks.inference import MODEL_FILE, OnnxPredictor, TorchPredictor, quiet_output
 
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 QUANTIZABLE_ONNX_OPS = ("Conv", "Gemm", "MatMul")
 
 
-@contextlib.contextmanager
-def quiet_output():
-    """Silence the exporters' and calibrators' progress prints and deprecation chatter."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+# ---------------------------------------------------------------------------- ONNX export
 
 
-# ---------------------------------------------------------------------------- ONNX export and running
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor | np.ndarray, path: str | Path,
-                dynamo: bool | None = None) -> Path:
+def export_onnx(
+    model: nn.Module, example: torch.Tensor | np.ndarray, path: str | Path, dynamo: bool | None = None
+) -> Path:
     """Export `model` to a single self-contained ONNX file with a dynamic batch axis.
 
     dynamo=None tries the torch.export-based exporter (the default since torch
@@ -86,43 +82,36 @@ def _export_onnx(model: nn.Module, example, path, dynamo: bool | None = None) ->
     if len(example) < 2:  # torch.export specialises a size-1 dimension to a constant
         example = example.repeat(2, *([1] * (example.ndim - 1)))
     errors = []
-    for use_dynamo in ([True, False] if dynamo is None else [dynamo]):
+    for use_dynamo in [True, False] if dynamo is None else [dynamo]:
         try:
             with quiet_output():
                 if use_dynamo:
-                    torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, verbose=False,
-                                      input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        path,
+                        dynamo=True,
+                        external_data=False,
+                        verbose=False,
+                        input_names=[ONNX_INPUT],
+                        output_names=[ONNX_OUTPUT],
+                        dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    )
                 else:
-                    torch.onnx.export(model, (example,), path, dynamo=False, input_names=[ONNX_INPUT],
-                                      output_names=[ONNX_OUTPUT], opset_version=17,
-                                      dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        path,
+                        dynamo=False,
+                        input_names=[ONNX_INPUT],
+                        output_names=[ONNX_OUTPUT],
+                        opset_version=17,
+                        dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                    )
             return path, "dynamo" if use_dynamo else "torchscript"
         except Exception as exc:  # exporter failures come in many types; keep the first line of each
             errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {str(exc).strip().splitlines()[0][:300]}")
     raise DistilflowError(f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)})")
-
-
-class OnnxPredictor:
-    """Run an ONNX classifier with onnxruntime on CPU, thread count fixed, returning logits."""
-
-    def __init__(self, path: str | Path, threads: int = 1):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        self.path, self.threads = Path(path), threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(X, dtype=np.float32)})[0]
-
-    def predict_logits(self, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        return np.concatenate([self(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
 
 
 # ---------------------------------------------------------------------------- backends
@@ -153,23 +142,35 @@ class OnnxQdqBackend:
             quant_pre_process(str(exported), str(self.fp32_path))
 
     def candidates(self) -> list[str]:
+        """The layers the sensitivity pass may leave in fp32."""
         import onnx
 
         graph = onnx.load(str(self.fp32_path)).graph
         return [n.name for n in graph.node if n.op_type in QUANTIZABLE_ONNX_OPS]
 
     def fp32_predict(self):
-        return OnnxPredictor(self.fp32_path, self.threads).predict_logits
+        """The fp32 model this backend quantizes, as a predictor of logits."""
+        return OnnxPredictor(self.fp32_path, self.threads)
 
     def fp32_bytes(self) -> int:
+        """Size of that fp32 model in this backend's format."""
         return os.path.getsize(self.fp32_path)
 
     def quantize(self, attempt: Attempt, out: Path) -> Path:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        """Write the int8 model of `attempt` to `out`."""
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
-        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                  "entropy": CalibrationMethod.Entropy}[attempt.calibration_method]
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy,
+        }[attempt.calibration_method]
 
         class Batches(CalibrationDataReader):
             def __init__(self, X: np.ndarray, batch_size: int = 64):
@@ -179,14 +180,22 @@ class OnnxQdqBackend:
                 return next(self._it, None)
 
         with quiet_output():
-            quantize_static(str(self.fp32_path), str(out), Batches(self.X_calib), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=attempt.per_channel, calibrate_method=method,
-                            nodes_to_exclude=list(attempt.excluded))
+            quantize_static(
+                str(self.fp32_path),
+                str(out),
+                Batches(self.X_calib),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=attempt.per_channel,
+                calibrate_method=method,
+                nodes_to_exclude=list(attempt.excluded),
+            )
         return out
 
     def predict(self, path: Path):
-        return OnnxPredictor(path, self.threads).predict_logits
+        """A predictor of logits for the int8 model at `path`."""
+        return OnnxPredictor(path, self.threads)
 
 
 class TorchFxBackend:
@@ -205,20 +214,30 @@ class TorchFxBackend:
         self.workdir, self.threads, self.exporter = workdir, threads, "torch.ao.quantization.quantize_fx"
 
     def candidates(self) -> list[str]:
+        """The layers the sensitivity pass may leave in fp32."""
         return [name for name, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
     def fp32_predict(self):
-        return _torch_predict(self.model)
+        """The fp32 model this backend quantizes, as a predictor of logits."""
+        return TorchPredictor(self.model, 1024)
 
     def fp32_bytes(self) -> int:
+        """Size of that fp32 model in this backend's format."""
         buf = io.BytesIO()
         with quiet_output():
             torch.jit.save(torch.jit.trace(self.model, self.X_calib[:2]), buf)
         return len(buf.getvalue())
 
     def quantize(self, attempt: Attempt, out: Path) -> Path:
-        from torch.ao.quantization import (HistogramObserver, MinMaxObserver, QConfig, QConfigMapping,
-                                           default_per_channel_weight_observer, default_weight_observer)
+        """Write the int8 model of `attempt` to `out`."""
+        from torch.ao.quantization import (
+            HistogramObserver,
+            MinMaxObserver,
+            QConfig,
+            QConfigMapping,
+            default_per_channel_weight_observer,
+            default_weight_observer,
+        )
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -233,7 +252,8 @@ class TorchFxBackend:
                 mapping = mapping.set_module_name(name, None)
             # the adapter's reshape/permute would otherwise leave the first conv's input unobserved (fp32)
             custom = PrepareCustomConfig().set_non_traceable_module_names(
-                ["adapter"] if hasattr(self.model, "adapter") else [])
+                ["adapter"] if hasattr(self.model, "adapter") else []
+            )
             prepared = prepare_fx(copy.deepcopy(self.model), mapping, (self.X_calib[:2],), prepare_custom_config=custom)
             with torch.no_grad():
                 for i in range(0, len(self.X_calib), 64):
@@ -244,18 +264,9 @@ class TorchFxBackend:
         return out
 
     def predict(self, path: Path):
+        """A predictor of logits for the int8 model at `path`."""
         with quiet_output():
-            return _torch_predict(torch.jit.load(str(path)))
-
-
-def _torch_predict(model: nn.Module):
-    @torch.no_grad()
-    def predict(X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        model.eval()
-        X = torch.as_tensor(X, dtype=torch.float32)
-        return torch.cat([model(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]).numpy()
-
-    return predict
+            return TorchPredictor(torch.jit.load(str(path)), 1024)
 
 
 BACKENDS = {"onnx_qdq": OnnxQdqBackend, "torch_fx": TorchFxBackend}
@@ -310,8 +321,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def qat_finetune(model: nn.Module, X_train: np.ndarray, y_train: np.ndarray, params: QuantizeParams,
-                 seed: int) -> nn.Module:
+def qat_finetune(
+    model: nn.Module, X_train: np.ndarray, y_train: np.ndarray, params: QuantizeParams, seed: int
+) -> nn.Module:
     """A fake-quant fine-tune (`params.qat_epochs`, AdamW at `params.qat_lr`); returns plain fp32 weights.
 
     A simple QAT: weights are trained through int8 rounding (straight-through
@@ -321,26 +333,14 @@ def qat_finetune(model: nn.Module, X_train: np.ndarray, y_train: np.ndarray, par
     """
     from torch.nn.utils import parametrize
 
-    torch.manual_seed(seed)
-    shuffle = torch.Generator().manual_seed(seed)
     qmodel = fold_batchnorm(model)
     layers = [m for m in qmodel.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks = []
     for layer in layers:
         parametrize.register_parametrization(layer, "weight", _WeightFakeQuant())
         hooks.append(layer.register_forward_pre_hook(_ActivationFakeQuant()))
-    X = torch.as_tensor(X_train, dtype=torch.float32)
-    y = torch.as_tensor(np.array(y_train), dtype=torch.long)
-    optimizer = torch.optim.AdamW(qmodel.parameters(), lr=params.qat_lr, weight_decay=0.0)
-    for _ in range(params.qat_epochs):
-        qmodel.train()
-        order = torch.randperm(len(X), generator=shuffle)
-        for i in range(0, len(X), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(qmodel(X[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    cfg = LoopConfig(epochs=params.qat_epochs, batch_size=64, lr=params.qat_lr, device="cpu")
+    train(qmodel, {"x": X_train, "y": y_train}, None, cfg, seed, desc="QAT")
     for hook in hooks:
         hook.remove()
     for layer in layers:
@@ -362,10 +362,19 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean()) if len(y) else float("nan")
 
 
-def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                  params: QuantizeParams, workdir: str | Path, out_path: str | Path | None = None,
-                  X_train: np.ndarray | None = None, y_train: np.ndarray | None = None,
-                  seed: int = 0, threads: int = 1) -> tuple[Path, dict]:
+def quantize_int8(
+    model: nn.Module,
+    X_calib: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    params: QuantizeParams,
+    workdir: str | Path,
+    out_path: str | Path | None = None,
+    X_train: np.ndarray | None = None,
+    y_train: np.ndarray | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> tuple[Path, dict]:
     """Quantize `model` to int8 within `params.max_accuracy_drop`; returns (int8 model path, record).
 
     `X_calib`: rows to calibrate on (a train subset; at most
@@ -393,9 +402,14 @@ def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_va
         fp32_acc = _accuracy(fp32_logits, y_val)
         budget = params.max_accuracy_drop
         record: dict = {
-            "backend": params.backend, "exporter": backend.exporter, "fp32_accuracy": fp32_acc,
-            "max_accuracy_drop": budget, "calibration_rows": len(X_calib), "validation_rows": len(y_val),
-            "attempts": [], "sensitivity": [],
+            "backend": params.backend,
+            "exporter": backend.exporter,
+            "fp32_accuracy": fp32_acc,
+            "max_accuracy_drop": budget,
+            "calibration_rows": len(X_calib),
+            "validation_rows": len(y_val),
+            "attempts": [],
+            "sensitivity": [],
             "qat": "not needed" if params.qat else "off (quantize.qat=false): QAT was not run",
         }
         tried: list[tuple[Attempt, Path, dict]] = []
@@ -407,12 +421,17 @@ def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_va
             on.quantize(attempt, path)
             logits = on.predict(path)(X_val)
             acc = _accuracy(logits, y_val)
-            result = {"remedy": attempt.remedy, "per_channel": attempt.per_channel,
-                      "calibration_method": attempt.calibration_method, "excluded": list(attempt.excluded),
-                      "int8_accuracy": acc, "accuracy_drop": fp32_acc - acc,
-                      "agreement_with_fp32": float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
-                      "logit_mse": float(np.mean((logits - fp32_logits) ** 2)),
-                      "within_budget": fp32_acc - acc <= budget + 1e-12}
+            result = {
+                "remedy": attempt.remedy,
+                "per_channel": attempt.per_channel,
+                "calibration_method": attempt.calibration_method,
+                "excluded": list(attempt.excluded),
+                "int8_accuracy": acc,
+                "accuracy_drop": fp32_acc - acc,
+                "agreement_with_fp32": float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
+                "logit_mse": float(np.mean((logits - fp32_logits) ** 2)),
+                "within_budget": fp32_acc - acc <= budget + 1e-12,
+            }
             tried.append((attempt, path, result))
             record["attempts"].append(result)
             return result
@@ -431,8 +450,10 @@ def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_va
                     continue  # that is the configured attempt that just failed
                 if run(Attempt("calibration", True, method))["within_budget"]:
                     winner = tried[-1]
-                    why = (f"{params.calibration_method} calibration{'' if params.per_channel else ' (per-tensor)'} "
-                           f"lost {first['accuracy_drop']:.4f} > {budget}; per-channel {method} ranges fixed it")
+                    why = (
+                        f"{params.calibration_method} calibration{'' if params.per_channel else ' (per-tensor)'} "
+                        f"lost {first['accuracy_drop']:.4f} > {budget}; per-channel {method} ranges fixed it"
+                    )
                     break
 
         if winner is None and params.exclude_sensitive_max > 0:  # 2. leave the most sensitive layers in fp32
@@ -440,18 +461,28 @@ def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_va
             names = backend.candidates()
             for name in names:
                 r = run(Attempt("sensitivity_probe", base.per_channel, base.calibration_method, (name,)))
-                record["sensitivity"].append({"layer": name, "accuracy_drop_when_fp32": r["accuracy_drop"],
-                                              "logit_mse_when_fp32": r["logit_mse"]})
+                record["sensitivity"].append(
+                    {
+                        "layer": name,
+                        "accuracy_drop_when_fp32": r["accuracy_drop"],
+                        "logit_mse_when_fp32": r["logit_mse"],
+                    }
+                )
             # most sensitive first: the budget is on accuracy; logit error breaks ties on a small val split
-            by_harm = sorted(record["sensitivity"], key=lambda s: (s["accuracy_drop_when_fp32"], s["logit_mse_when_fp32"]))
+            by_harm = sorted(
+                record["sensitivity"], key=lambda s: (s["accuracy_drop_when_fp32"], s["logit_mse_when_fp32"])
+            )
             ranked = [s["layer"] for s in by_harm]
             # keep at least one layer quantized, or the "int8" model is just the fp32 one
             for k in range(1, min(params.exclude_sensitive_max, len(ranked) - 1) + 1):
-                if run(Attempt("exclude_sensitive", base.per_channel, base.calibration_method,
-                               tuple(ranked[:k])))["within_budget"]:
+                if run(Attempt("exclude_sensitive", base.per_channel, base.calibration_method, tuple(ranked[:k])))[
+                    "within_budget"
+                ]:
                     winner = tried[-1]
-                    why = (f"calibration alone stayed over budget; keeping the {k} most sensitive layer(s) "
-                           f"{ranked[:k]} in fp32 brought the drop within {budget}")
+                    why = (
+                        f"calibration alone stayed over budget; keeping the {k} most sensitive layer(s) "
+                        f"{ranked[:k]} in fp32 brought the drop within {budget}"
+                    )
                     break
 
         if winner is None and params.qat:  # 3. fake-quant fine-tune, then quantize again
@@ -467,34 +498,51 @@ def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_va
                 if run(qat_attempt, on=qat_backend)["within_budget"]:
                     winner = tried[-1]
                     record["qat"] = "used"
-                    why = (f"post-training remedies stayed over budget; {params.qat_epochs} epoch(s) of fake-quant "
-                           f"fine-tuning{' with ' + str(list(excluded)) + ' in fp32' if excluded else ''} fixed it")
+                    why = (
+                        f"post-training remedies stayed over budget; {params.qat_epochs} epoch(s) of fake-quant "
+                        f"fine-tuning{' with ' + str(list(excluded)) + ' in fp32' if excluded else ''} fixed it"
+                    )
                     break
 
         if winner is None:
             _, _, closest = best()
             ladder = [r for r in ("calibration", "exclude_sensitive", "qat") if any(a.remedy == r for a, _, _ in tried)]
-            off = [key for key, enabled in (("quantize.exclude_sensitive_max=0", params.exclude_sensitive_max),
-                                            ("quantize.qat=false", params.qat)) if not enabled]
+            off = [
+                key
+                for key, enabled in (
+                    ("quantize.exclude_sensitive_max=0", params.exclude_sensitive_max),
+                    ("quantize.qat=false", params.qat),
+                )
+                if not enabled
+            ]
             raise DistilflowError(
                 f"int8 quantization ({params.backend}) lost {closest['accuracy_drop']:.4f} validation accuracy at best "
                 f"(fp32 {fp32_acc:.4f} → int8 {closest['int8_accuracy']:.4f}), "
                 f"over quantize.max_accuracy_drop={budget}, "
                 f"after trying: {', '.join(ladder) or 'no remedy'}{'; off: ' + ', '.join(off) if off else ''}. "
                 f"No int8 model was written. Fix: raise quantize.max_accuracy_drop, set quantize.qat=true, "
-                f"raise quantize.exclude_sensitive_max, or ship the fp32 model.")
+                f"raise quantize.exclude_sensitive_max, or ship the fp32 model."
+            )
 
         attempt, path, result = winner
         with atomic_path(out_path) as tmp:
             shutil.copyfile(path, tmp)
-        record.update({
-            "path": str(out_path), "remedy": attempt.remedy, "reason": why,
-            "int8_accuracy": result["int8_accuracy"], "accuracy_drop": result["accuracy_drop"],
-            "agreement_with_fp32": result["agreement_with_fp32"], "per_channel": attempt.per_channel,
-            "calibration_method": attempt.calibration_method, "excluded_layers": list(attempt.excluded),
-            "fp32_bytes": backend.fp32_bytes(), "int8_bytes": os.path.getsize(out_path),
-            "seconds": time.perf_counter() - t_start,
-        })
+        record.update(
+            {
+                "path": str(out_path),
+                "remedy": attempt.remedy,
+                "reason": why,
+                "int8_accuracy": result["int8_accuracy"],
+                "accuracy_drop": result["accuracy_drop"],
+                "agreement_with_fp32": result["agreement_with_fp32"],
+                "per_channel": attempt.per_channel,
+                "calibration_method": attempt.calibration_method,
+                "excluded_layers": list(attempt.excluded),
+                "fp32_bytes": backend.fp32_bytes(),
+                "int8_bytes": os.path.getsize(out_path),
+                "seconds": time.perf_counter() - t_start,
+            }
+        )
         return out_path, record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -502,62 +550,118 @@ def quantize_int8(model: nn.Module, X_calib: np.ndarray, X_val: np.ndarray, y_va
 
 # ---------------------------------------------------------------------------- stage (I/O at the edge)
 
+RECORD_FILE = "quantization.json"  # the quantization config and its record, beside the model (as optimum does)
 
-def quantize_stage(layout, params: QuantizeParams, source: Path, seed: int, threads: int) -> dict:
+
+def _quantize_into(
+    folder: Path,
+    model: nn.Module,
+    Xtr,
+    ytr,
+    Xva,
+    yva,
+    cfg: QuantizeParams,
+    seed: int,
+    threads: int,
+    work: Path,
+    required: bool,
+) -> dict:
+    """int8 of `model` into `folder` (model + record), replacing it whole; a failure leaves only the record."""
+    suffix = BACKENDS[cfg.backend].suffix
+    with atomic_dir(folder) as tmp:
+        try:
+            _, record = quantize_int8(
+                model,
+                Xtr,
+                Xva,
+                yva,
+                cfg,
+                work,
+                out_path=tmp / f"{MODEL_FILE}{suffix}",
+                X_train=Xtr,
+                y_train=ytr,
+                seed=seed,
+                threads=threads,
+            )
+        except DistilflowError as exc:
+            if required:
+                raise
+            record = {"error": str(exc)}
+        record = {**record, "path": str(folder / f"{MODEL_FILE}{suffix}") if "error" not in record else None}
+        # no timings in the folder: its content (hence every key and hash downstream) depends on the model alone
+        write_json(
+            {"config": cfg.model_dump(mode="json"), **{k: v for k, v in record.items() if k != "seconds"}},
+            tmp / RECORD_FILE,
+        )
+    return record
+
+
+def quantize_stage(
+    train: Path,
+    val: Path,
+    test: Path,
+    preprocessor: Path,
+    source: Path,
+    teacher: Path,
+    student_int8: Path,
+    teacher_int8: Path,
+    quantize_report: Path,
+    cfg: QuantizeParams,
+    seed: int,
+    threads: int,
+) -> StageResult:
     """int8 of the student (the product) within budget; int8 of the teacher for reference.
 
     The student's record decides the stage: over budget, `quantize_int8` raises
-    and nothing is left at the student int8 path. The teacher's int8 is
-    only a row in the comparison table, so its failure is recorded, not raised.
+    and the stage fails. The teacher's int8 is only a row in the comparison
+    table, so its failure is recorded in its folder, not raised.
     """
-    from tasks.backbones import load_classifier
-    from tasks.finetune import load_splits
-
-    pre, data = load_splits(layout)
+    pre, data = load_splits(train, val, test, preprocessor)
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
     n = len(pre["classes"])
-    student, _ = load_classifier(source, n)
-    common = dict(X_train=Xtr, y_train=ytr, seed=seed, threads=threads)
     with tempfile.TemporaryDirectory() as work:
-        _, record = quantize_int8(student, Xtr, Xva, yva, params, Path(work) / "student",
-                                  out_path=layout.int8("student", params.backend), **common)
-        teacher, _ = load_classifier(layout.teacher, n)
-        try:
-            _, teacher_record = quantize_int8(teacher, Xtr, Xva, yva, params, Path(work) / "teacher",
-                                              out_path=layout.int8("teacher", params.backend), **common)
-        except DistilflowError as exc:
-            layout.int8("teacher", params.backend).unlink(missing_ok=True)
-            teacher_record = {"error": str(exc)}
-    return {"student": record, "teacher": teacher_record, "source": str(source)}
-
-
-import json  # noqa: E402
-
-from prefect import task  # noqa: E402
-
-from distilflow.caching import content_cache_key  # noqa: E402
-from distilflow.records import StageResult  # noqa: E402
+        student = _quantize_into(
+            student_int8,
+            load_classifier(source, n)[0],
+            Xtr,
+            ytr,
+            Xva,
+            yva,
+            cfg,
+            seed,
+            threads,
+            Path(work) / "student",
+            required=True,
+        )
+        teacher_record = _quantize_into(
+            teacher_int8,
+            load_classifier(teacher, n)[0],
+            Xtr,
+            ytr,
+            Xva,
+            yva,
+            cfg,
+            seed,
+            threads,
+            Path(work) / "teacher",
+            required=False,
+        )
+    info = {"student": student, "teacher": teacher_record, "source": str(source)}
+    write_json(info, quantize_report)
+    return StageResult(
+        metrics={f"student.{k}": v for k, v in _headline(student).items()}
+        | {f"teacher.{k}": v for k, v in _headline(teacher_record).items()},
+        params=cfg.model_dump(mode="json"),
+        tags={"quantize.remedy": str(student.get("remedy")), "quantize.reason": str(student.get("reason", ""))[:500]},
+        artifacts=[str(student_int8)],
+        texts={"quantize_record.json": json.dumps(info, indent=2, default=str)},
+        info={
+            "remedy": student.get("remedy"),
+            "reason": student.get("reason"),
+            "teacher_error": teacher_record.get("error"),
+        },
+    )
 
 
 def _headline(record: dict) -> dict:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-@task(name="quantize", cache_key_fn=content_cache_key, persist_result=True)
-def quantize_task(source: Path, teacher: Path, data: list[Path], params: QuantizeParams, seed: int, threads: int,
-                  layout) -> StageResult:
-    info = quantize_stage(layout, params, source, seed, threads)
-    student = info["student"]
-    student_int8, teacher_int8 = layout.int8("student", params.backend), layout.int8("teacher", params.backend)
-    outputs = [student_int8] + ([teacher_int8] if teacher_int8.exists() else [])
-    return StageResult.of(
-        outputs,
-        metrics={f"student.{k}": v for k, v in _headline(student).items()}
-        | {f"teacher.{k}": v for k, v in _headline(info["teacher"]).items()},
-        params=params.model_dump(mode="json"),
-        tags={"quantize.remedy": str(student.get("remedy")), "quantize.reason": str(student.get("reason", ""))[:500]},
-        artifacts=[str(student_int8)],
-        texts={"quantize_record.json": json.dumps(info, indent=2, default=str)},
-        info={"remedy": student.get("remedy"), "reason": student.get("reason"),
-              "teacher_error": info["teacher"].get("error")},
-    )

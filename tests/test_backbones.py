@@ -25,7 +25,9 @@ def tiny_resnet_dir(tmp_path):
     from transformers import ResNetConfig, ResNetModel
 
     torch.manual_seed(0)
-    model = ResNetModel(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    model = ResNetModel(
+        ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    )
     model.save_pretrained(tmp_path / "tiny-resnet")
     return tmp_path / "tiny-resnet", model
 
@@ -40,15 +42,25 @@ def test_hf_backbone_from_a_saved_directory(tiny_resnet_dir):
     assert len(model.blocks) == 3  # stem + 2 stages, for unfreezing and discriminative LRs
     fresh = build_classifier(arch)  # the from-scratch twin: same architecture, new weights
     assert backbone_state(fresh).keys() == backbone_state(model).keys()
-    assert not torch.equal(fresh.backbone.model.embedder.embedder.convolution.weight,
-                           model.backbone.model.embedder.embedder.convolution.weight)
+    assert not torch.equal(
+        fresh.backbone.model.embedder.embedder.convolution.weight,
+        model.backbone.model.embedder.embedder.convolution.weight,
+    )
 
 
 def test_hf_vit_gets_its_fixed_input_size(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(tmp_path / "vit")
+    ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(tmp_path / "vit")
     model, _ = load_backbone(BackboneParams(spec=f"hf:{tmp_path / 'vit'}"), SHAPE, 64, 3)
     assert model.adapter.size == (16, 16) and model(torch.randn(2, 64)).shape == (2, 3)
     assert len(model.blocks) == 3  # embeddings + 2 encoder layers
@@ -61,34 +73,58 @@ def test_file_backbone_safetensors_and_state_dict(tmp_path):
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     torch.save(source.state_dict(), tmp_path / "w.pt")
     for name in ("w.safetensors", "w.pt"):
-        model, arch = load_backbone(BackboneParams(spec=f"file:{tmp_path / name}", arch="builtin:cnn", width=8, depth=2),
-                                    SHAPE, 64, 4)
+        model, arch = load_backbone(
+            BackboneParams(spec=f"file:{tmp_path / name}", arch="builtin:cnn", width=8, depth=2), SHAPE, 64, 4
+        )
         assert_same_backbone(model, source)
         assert model.head.out_features == 4 and arch["source"].startswith("file:")
 
 
 def test_mlflow_backbone_from_the_registry(tmp_path):
+    """A registered model's backbone: the alias resolved once into a local folder, then transferred."""
+    import json
+
     import pandas as pd
 
     from distilflow.io import write_json
+    from distilflow.params import PretrainParams
     from distilflow.tracking import Tracker, default_tracking_uri
+    from flows.backbone import backbone_stage
+    from tasks.registry.registration import Variant, register_variants
 
     torch.manual_seed(2)
     source, arch = load_backbone(BackboneParams(spec="builtin:cnn", width=8, depth=2), (28, 28, 1), 784, 10)
     save_classifier(source, arch, tmp_path / "model")
-    pre = {"feature_columns": [f"px{i}" for i in range(784)], "classes": list(range(10)),
-           "impute": [0.0] * 784, "shift": [0.0] * 784, "scale": [1.0] * 784}
+    pre = {
+        "feature_columns": [f"px{i}" for i in range(784)],
+        "classes": list(range(10)),
+        "impute": [0.0] * 784,
+        "shift": [0.0] * 784,
+        "scale": [1.0] * 784,
+    }
     write_json(pre, tmp_path / "pre.json")
-    uri = default_tracking_uri(tmp_path)
-    tracker = Tracker(uri, tmp_path)
+    tracker = Tracker(default_tracking_uri(tmp_path), tmp_path)
     with tracker.run("pretrain", "p") as run:
-        tracker.register_classifier(run, tmp_path / "model", tmp_path / "pre.json", "bb", "pretrained",
-                                    input_example=pd.DataFrame([[0.0] * 784], columns=pre["feature_columns"]))
-    model, arch = load_backbone(BackboneParams(spec="mlflow:models:/bb@pretrained"), SHAPE, 64, 3, tracking_uri=uri)
+        register_variants(
+            tracker,
+            run,
+            [Variant("bb", tmp_path / "model", {"variant": "backbone"}, "product")],
+            tmp_path / "pre.json",
+            pd.DataFrame([[0.0] * 784], columns=pre["feature_columns"]),
+            {},
+            "# bb\n",
+            alias="pretrained",
+        )
+    spec = BackboneParams(spec="mlflow:models:/bb@pretrained")
+    backbone_stage(tmp_path / "backbone", spec, PretrainParams(), 0, tracker)
+    assert json.loads((tmp_path / "backbone/source.json").read_text())["resolved"] == "models:/bb/1"
+    model, arch = load_backbone(spec, SHAPE, 64, 3, tmp_path / "backbone")
     assert_same_backbone(model, source)
     assert model.head.out_features == 3 and model.adapter.size == (28, 28)  # digits resized to what it learned on
-    with pytest.raises(DistilflowError, match="mlflow:models:/bb@nope"):
-        load_backbone(BackboneParams(spec="mlflow:models:/bb@nope"), SHAPE, 64, 3, tracking_uri=uri)
+    with pytest.raises(DistilflowError, match="models:/bb@nope"):
+        backbone_stage(tmp_path / "other", BackboneParams(spec="mlflow:models:/bb@nope"), PretrainParams(), 0, tracker)
+    with pytest.raises(DistilflowError, match="not resolved to a local copy"):
+        load_backbone(spec, SHAPE, 64, 3, tmp_path / "nowhere")
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
@@ -102,7 +138,12 @@ def test_weights_that_do_not_fit_the_named_architecture(tmp_path):
     wide, _ = load_backbone(BackboneParams(spec="builtin:cnn", width=16, depth=2), SHAPE, 64, 10)
     save_file(wide.state_dict(), str(tmp_path / "w.safetensors"))
     with pytest.raises(DistilflowError, match="does not match backbone.arch builtin:cnn"):
-        load_backbone(BackboneParams(spec=f"file:{tmp_path / 'w.safetensors'}", arch="builtin:cnn", width=16, depth=3), SHAPE, 64, 10)
+        load_backbone(
+            BackboneParams(spec=f"file:{tmp_path / 'w.safetensors'}", arch="builtin:cnn", width=16, depth=3),
+            SHAPE,
+            64,
+            10,
+        )
 
 
 def test_weights_of_another_width_are_a_clear_error(tmp_path):
@@ -143,8 +184,10 @@ def test_class_count_mismatch_and_other_bad_specs(tmp_path):
 def test_other_hf_vision_families(tmp_path, family):
     from transformers import AutoConfig, AutoModel
 
-    kwargs = {"mobilenet_v2": dict(num_channels=3, image_size=32, depth_multiplier=0.35),
-              "convnext": dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)}[family]
+    kwargs = {
+        "mobilenet_v2": dict(num_channels=3, image_size=32, depth_multiplier=0.35),
+        "convnext": dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+    }[family]
     AutoModel.from_config(AutoConfig.for_model(family, **kwargs)).save_pretrained(tmp_path / family)
     model, _ = load_backbone(BackboneParams(spec=f"hf:{tmp_path / family}", input_size=(32, 32)), SHAPE, 64, 4)
     assert model(torch.randn(2, 64)).shape == (2, 4)

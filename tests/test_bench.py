@@ -75,17 +75,38 @@ def test_merge_carries_unmeasured_families_from_the_newest_earlier_file_with_the
 
     host = "box"
     for date, quality_value in (("2026-11-01", 1), ("2026-11-20", 2)):  # the newer file must win
-        (tmp_path / f"{date}-{host}.json").write_text(json.dumps({
-            "date": date, "command": f"python -m bench  # {date}", "machine": {"host": host},
-            "benchmarks": {"quality": {"targets": [target(quality_value)]},
-                           "compression": {"settings": [{"setting": "kept", "targets": [target(10)]},
-                                                        {"setting": "redone", "targets": [target(11)]}],
-                                           "targets": [target(10), target(11)]}},
-            "errors": {}, "targets": [], "scale_notes": []}))
+        (tmp_path / f"{date}-{host}.json").write_text(
+            json.dumps(
+                {
+                    "date": date,
+                    "command": f"python -m bench  # {date}",
+                    "machine": {"host": host},
+                    "benchmarks": {
+                        "quality": {"targets": [target(quality_value)]},
+                        "compression": {
+                            "settings": [
+                                {"setting": "kept", "targets": [target(10)]},
+                                {"setting": "redone", "targets": [target(11)]},
+                            ],
+                            "targets": [target(10), target(11)],
+                        },
+                    },
+                    "errors": {},
+                    "targets": [],
+                    "scale_notes": [],
+                }
+            )
+        )
     (tmp_path / "2026-11-21-other.json").write_text("{}")  # another host's file is never read
-    today = {"date": "2026-11-24", "command": "python -m bench --only compression --merge", "machine": {"host": host},
-             "benchmarks": {"compression": {"settings": [{"setting": "redone", "targets": [target(12)]}]}},
-             "errors": {}, "targets": [], "scale_notes": []}
+    today = {
+        "date": "2026-11-24",
+        "command": "python -m bench --only compression --merge",
+        "machine": {"host": host},
+        "benchmarks": {"compression": {"settings": [{"setting": "redone", "targets": [target(12)]}]}},
+        "errors": {},
+        "targets": [],
+        "scale_notes": [],
+    }
     merge_previous(today, tmp_path)
     quality = today["benchmarks"]["quality"]
     assert quality["measured_on"] == "2026-11-20" and quality["command"] == "python -m bench  # 2026-11-20"

@@ -6,15 +6,9 @@ import pytest
 
 from distilflow.errors import DistilflowError
 from distilflow.params import CleanParams, DataParams, SplitParams
-from tasks.data import (
-    DROP_RULES,
-    LABEL,
-    apply_normalizer,
-    clean,
-    fit_normalizer,
-    normalize_label,
-    stratified_split,
-)
+from tasks.data import DROP_RULES, clean_table, normalize_label
+from tasks.preprocessing import apply_normalizer, fit_normalizer
+from tasks.splits import LABEL, stratified_split
 
 DATA = DataParams(image_shape=None, value_range=(0, 10), classes=[0, 1, 2])
 CLEAN = CleanParams()
@@ -28,7 +22,7 @@ def frame(rows):
 
 
 def run_clean(rows, min_per_class=1, data=DATA, **clean_kw):
-    out, report = clean(frame(rows), CleanParams(**clean_kw), data, min_per_class)
+    out, report = clean_table(frame(rows), CleanParams(**clean_kw), data.classes, data.value_range, min_per_class)
     assert report["rows_in"] - sum(report["dropped"].values()) == report["rows_out"] == len(out)
     return out, report
 
@@ -38,13 +32,23 @@ def filler(n=3):
     return [(c, 0.25 + 0.1 * i, 0.05 + 0.5 * c) for c in (1, 2) for i in range(n)]
 
 
-@pytest.mark.parametrize("raw,expected", [(" 7 ", 7), ("7.0", 7), (7, 7), ("Cat ", "cat"), ("", None), (None, None), ("nan", None), ("7.5", "7.5")])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [(" 7 ", 7), ("7.0", 7), (7, 7), ("Cat ", "cat"), ("", None), (None, None), ("nan", None), ("7.5", "7.5")],
+)
 def test_normalize_label(raw, expected):
     assert normalize_label(raw) == expected
 
 
 def test_missing_and_invalid_labels():
-    rows = filler() + [(" 0 ", 1.0, 1.0), ("0.0", 2.0, 2.0), (None, 3.0, 3.0), ("", 4.0, 4.0), ("ten", 5.0, 5.0), ("3", 6.0, 6.0)]
+    rows = filler() + [
+        (" 0 ", 1.0, 1.0),
+        ("0.0", 2.0, 2.0),
+        (None, 3.0, 3.0),
+        ("", 4.0, 4.0),
+        ("ten", 5.0, 5.0),
+        ("3", 6.0, 6.0),
+    ]
     out, rep = run_clean(rows)
     assert rep["dropped"]["missing_label"] == 2
     assert rep["dropped"]["invalid_label"] == 2
@@ -96,7 +100,7 @@ def test_conflicting_labels_majority_and_no_majority():
     assert rep["dropped"]["duplicates"] == 2
     kept = out[(out["f0"] == 9.0)]
     assert kept[LABEL].tolist() == [0]
-    assert not ((out["f0"] == 8.0)).any()
+    assert not (out["f0"] == 8.0).any()
     _, rep = run_clean(rows, conflicting_labels="drop")
     assert rep["dropped"]["conflicting_labels"] == 6
 
@@ -113,11 +117,28 @@ def test_rare_classes_drop_with_names_or_fail():
 
 
 def test_all_rules_together_add_up():
-    rows = filler(4) + [(None, 1, 1), ("x", 1, 1), (0, np.nan, 1), (0, 20, 1), (0, 5, 5), (0, 5, 5), (1, 6, 6), (2, 6, 6), (0, 4, 4), (0, 3, 3)]
+    rows = filler(4) + [
+        (None, 1, 1),
+        ("x", 1, 1),
+        (0, np.nan, 1),
+        (0, 20, 1),
+        (0, 5, 5),
+        (0, 5, 5),
+        (1, 6, 6),
+        (2, 6, 6),
+        (0, 4, 4),
+        (0, 3, 3),
+    ]
     out, rep = run_clean(rows, out_of_range="drop")
     assert rep["rows_in"] == 18
     assert {k: v for k, v in rep["dropped"].items() if v} == {
-        "missing_label": 1, "invalid_label": 1, "nonfinite": 1, "out_of_range": 1, "conflicting_labels": 2, "duplicates": 1}
+        "missing_label": 1,
+        "invalid_label": 1,
+        "nonfinite": 1,
+        "out_of_range": 1,
+        "conflicting_labels": 2,
+        "duplicates": 1,
+    }
     assert rep["rows_out"] == 11 and set(rep["dropped"]) == set(DROP_RULES)
 
 
@@ -130,9 +151,13 @@ def test_emptied_by_cleaning_is_a_clear_error():
 
 # ---------------------------------------------------------------------------- split
 
+
 def blobs(n_per_class=(50, 30, 7), seed=0):
     rng = np.random.default_rng(seed)
-    parts = [pd.DataFrame({LABEL: c, "f0": rng.normal(c, 1, n), "f1": rng.normal(0, 1, n)}) for c, n in enumerate(n_per_class)]
+    parts = [
+        pd.DataFrame({LABEL: c, "f0": rng.normal(c, 1, n), "f1": rng.normal(0, 1, n)})
+        for c, n in enumerate(n_per_class)
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -176,6 +201,7 @@ def test_split_with_no_validation_part():
 
 
 # ---------------------------------------------------------------------------- normalize
+
 
 def test_scaler_statistics_are_the_train_statistics():
     df = blobs()

@@ -33,13 +33,17 @@ def test_prefect_yaml_matches_params_yaml():
 def test_serve_deployments_are_created_with_the_params_schedules(prefect_api, project):
     from prefect.client.orchestration import get_client
 
-    edit_params(project, schedule={"train_cron": "15 1 * * 1-5", "promote_cron": "45 1 * * 1-5", "timezone": "Europe/Paris"})
+    edit_params(
+        project, schedule={"train_cron": "15 1 * * 1-5", "promote_cron": "45 1 * * 1-5", "timezone": "Europe/Paris"}
+    )
     params = load_params(project / "params.yaml")
     with get_client(sync_client=True) as client:
         for dep in deployments(params, str(project / "params.yaml")):
             dep.apply()
-        for flow, name, cron in (("distilflow-scheduled-pipeline", TRAIN, "15 1 * * 1-5"),
-                                 ("distilflow-scheduled-promote", PROMOTE, "45 1 * * 1-5")):
+        for flow, name, cron in (
+            ("distilflow-scheduled-pipeline", TRAIN, "15 1 * * 1-5"),
+            ("distilflow-scheduled-promote", PROMOTE, "45 1 * * 1-5"),
+        ):
             created = client.read_deployment_by_name(f"{flow}/{name}")
             assert [(s.schedule.cron, s.schedule.timezone) for s in created.schedules] == [(cron, "Europe/Paris")]
             assert created.parameters == {"params_file": str((project / "params.yaml").resolve())}
@@ -55,14 +59,21 @@ def test_prefect_yaml_deploys_and_a_worker_completes_a_triggered_run(prefect_api
     code = tmp_path / "code"  # deploy from a copy: the worker runs the code from where it was deployed
     for rel in ("distilflow", "tasks", "flows", "prefect.yaml", "params.yaml", "pyproject.toml"):
         src = REPO / rel
-        (shutil.copytree(src, code / rel, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy(src, code / rel))
-    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        (
+            shutil.copytree(src, code / rel, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else shutil.copy(src, code / rel)
+        )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(get_current_settings().api.url),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
 
     def prefect(*args, timeout=240):
-        proc = subprocess.run(["prefect", "--no-prompt", *args], cwd=code, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            ["prefect", "--no-prompt", *args], cwd=code, env=env, capture_output=True, text=True, timeout=timeout
+        )
         assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc.stdout
 
@@ -76,7 +87,8 @@ def test_prefect_yaml_deploys_and_a_worker_completes_a_triggered_run(prefect_api
         assert [s.schedule.cron for s in promote.schedules] == [params.schedule.promote_cron]
         assert nightly.global_concurrency_limit.limit == 1 and nightly.work_pool_name == "distilflow"
         run = client.create_flow_run_from_deployment(
-            nightly.id, parameters={"params_file": str(project / "params.yaml"), "stop_after": "normalize"})
+            nightly.id, parameters={"params_file": str(project / "params.yaml"), "stop_after": "normalize"}
+        )
 
     prefect("worker", "start", "--pool", "distilflow", "--type", "process", "--run-once", timeout=400)
     with get_client(sync_client=True) as client:

@@ -7,8 +7,8 @@ from torch.nn import functional as F
 
 from distilflow.errors import DistilflowError
 from distilflow.params import DistillParams, params_from_dict
-from tasks.distill import (HintLoss, cache_teacher_logits, distill, kd_loss, make_student, soft_target_loss,
-                           train_without_kd)
+from tasks.inference import TorchPredictor
+from tasks.kd import HintLoss, distill, kd_loss, make_student, soft_target_loss, train_without_kd
 from tasks.models import builtin_classifier, count_parameters
 
 torch.set_num_threads(1)
@@ -42,8 +42,12 @@ def test_alpha_weights_the_label_term_and_zero_ignores_labels():
     y, other_y = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([3, 3, 3, 3, 3, 3])
     ce = F.cross_entropy(s, y).item()
     # the label term enters linearly with weight alpha
-    assert kd_loss(s, t, y, 3.0, alpha=1.0).item() - kd_loss(s, t, y, 3.0, alpha=0.0).item() == pytest.approx(ce, rel=1e-5)
-    assert kd_loss(s, t, y, 3.0, alpha=0.5).item() == pytest.approx(kd_loss(s, t, y, 3.0, alpha=0.0).item() + 0.5 * ce, rel=1e-5)
+    assert kd_loss(s, t, y, 3.0, alpha=1.0).item() - kd_loss(s, t, y, 3.0, alpha=0.0).item() == pytest.approx(
+        ce, rel=1e-5
+    )
+    assert kd_loss(s, t, y, 3.0, alpha=0.5).item() == pytest.approx(
+        kd_loss(s, t, y, 3.0, alpha=0.0).item() + 0.5 * ce, rel=1e-5
+    )
     # alpha=0 is the soft term alone: labels do not matter, and a student equal to its teacher has nothing to learn
     assert kd_loss(s, t, y, 3.0, alpha=0.0).item() == pytest.approx(kd_loss(s, t, other_y, 3.0, alpha=0.0).item())
     assert kd_loss(t, t, y, 3.0, alpha=0.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -92,7 +96,7 @@ def test_cached_teacher_logits_use_eval_mode_and_no_grad():
     teacher.train()
     teacher(torch.randn(32, 64) * 3 + 1)  # move BatchNorm running stats away from the batch stats
     X = torch.randn(20, 64)
-    cached = cache_teacher_logits(teacher, X.numpy(), batch_size=7)
+    cached = TorchPredictor(teacher, batch_size=7).outputs(X.numpy())
     teacher.eval()
     with torch.no_grad():
         expected = teacher(X)
@@ -128,8 +132,9 @@ def digits():
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    X_tr, X_va, y_tr, y_va = train_test_split(d.data.astype(np.float32), d.target, test_size=0.3,
-                                              random_state=0, stratify=d.target)
+    X_tr, X_va, y_tr, y_va = train_test_split(
+        d.data.astype(np.float32), d.target, test_size=0.3, random_state=0, stratify=d.target
+    )
     mu, sd = X_tr.mean(0), X_tr.std(0)
     sd[sd == 0] = 1
     return (X_tr - mu) / sd, y_tr, (X_va - mu) / sd, y_va
@@ -148,11 +153,13 @@ def teacher(digits):
 def test_distill_is_deterministic_for_a_seed(digits, teacher):
     X_tr, y_tr, X_va, y_va = digits
     params = DistillParams(epochs=2, student_width=4, student_depth=2, hint_weight=0.5)
-    runs = [distill(teacher, make_student(teacher, params, seed=1), X_tr, y_tr, X_va, y_va, params, seed=5)
-            for _ in range(2)]
+    runs = [
+        distill(teacher, make_student(teacher, params, seed=1), X_tr, y_tr, X_va, y_va, params, seed=5)
+        for _ in range(2)
+    ]
     assert [h["train_loss"] for h in runs[0].history] == [h["train_loss"] for h in runs[1].history]
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
-    assert len(runs[0].history) == 2 and runs[0].history[0]["hint_loss"] > 0
+    assert len(runs[0].history) == 2 and runs[0].history[0]["train_hint_loss"] > 0
 
 
 def test_kd_beats_labels_only_at_a_low_label_budget(digits, teacher):
@@ -168,8 +175,18 @@ def test_kd_beats_labels_only_at_a_low_label_budget(digits, teacher):
     assert acc == pytest.approx(max(h["val_accuracy"] for h in kd.history), abs=1e-6)
 
 
-@pytest.mark.parametrize("key,value", [("temperature", 0), ("temperature", -1.0), ("alpha", 1.5), ("alpha", -0.1),
-                                       ("hint_weight", -1), ("student_depth", 0), ("label_budget", 0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("temperature", 0),
+        ("temperature", -1.0),
+        ("alpha", 1.5),
+        ("alpha", -0.1),
+        ("hint_weight", -1),
+        ("student_depth", 0),
+        ("label_budget", 0),
+    ],
+)
 def test_bad_distill_params_name_the_key(key, value):
     with pytest.raises(DistilflowError, match=rf"distill\.{key}"):
         params_from_dict({"distill": {key: value}})

@@ -10,16 +10,32 @@ import pytest
 import yaml
 
 from distilflow.layout import Layout
-from tests.conftest import REPO, edit_params
+from tests.conftest import QUICK, REPO, edit_params
 
-pytestmark = pytest.mark.slow
-TRACKED = ["distilflow", "tasks", "flows", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
-           "data/raw/digits.csv.dvc", "data/raw/.gitignore"]
+TRACKED = [
+    "distilflow",
+    "tasks",
+    "flows",
+    "cli",
+    "params.yaml",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/digits.csv.dvc",
+    "data/raw/.gitignore",
+]
 
 
 def sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
@@ -30,25 +46,53 @@ def dvc_repo(tmp_path, digits_csv) -> Path:
     for rel in TRACKED:
         src, dst = REPO / rel, tmp_path / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy(src, dst))
+        (
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else shutil.copy(src, dst)
+        )
     shutil.copy(digits_csv, tmp_path / "data/raw/digits.csv")
+    for section, values in QUICK.items():  # a short pipeline: built-in teacher, few epochs
+        edit_params(tmp_path, **{section: values})
+    sh(tmp_path, sys.executable, "-m", "distilflow", "dvc-yaml")
     sh(tmp_path, "git", "init", "-q")
     sh(tmp_path, "git", "add", "-A")
     sh(tmp_path, "git", "commit", "-qm", "init")
     return tmp_path
 
 
-def test_dvc_yaml_paths_match_the_layout():
+def test_the_committed_dvc_yaml_is_generated_from_the_stage_declarations():
+    """dvc.yaml is written from distilflow/stages.py (`python -m distilflow dvc-yaml`): paths are declared once."""
+    from distilflow.dvcfile import dvc_yaml
+    from distilflow.params import load_params
+
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(load_params(REPO / "params.yaml"))
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     layout = Layout(REPO)
     rel = lambda p: str(p.relative_to(layout.root))  # noqa: E731
-    assert stages["ingest"]["outs"] == [rel(layout.ingested)]
-    assert stages["clean"]["outs"] == [rel(layout.cleaned), rel(layout.cleaning_report)]
-    assert stages["split"]["outs"] == [rel(layout.split(s)) for s in ("train", "val", "test")] + [rel(layout.split_report)]
-    assert stages["normalize"]["outs"] == [rel(layout.preprocessor)]
-    assert stages["normalize"]["deps"][0] == rel(layout.split("train"))
+    assert list(stages) == [
+        "ingest",
+        "clean",
+        "split",
+        "normalize",
+        "backbone",
+        "finetune",
+        "transfer_gain",
+        "distill",
+        "quantize",
+        "evaluate",
+    ]
+    assert stages["split"]["outs"] == [rel(layout.split(s)) for s in ("train", "val", "test")] + [
+        rel(layout.split_report)
+    ]
+    assert stages["finetune"]["deps"][:5] == [
+        rel(layout.path(n)) for n in ("train", "val", "test", "preprocessor", "backbone")
+    ]
+    assert "tasks/engine.py" in stages["distill"]["deps"] and "distill" in stages["distill"]["params"]
+    assert stages["evaluate"]["metrics"] == [{"reports/metrics.json": {"cache": False}}]
 
 
+@pytest.mark.slow
 def test_raw_data_md5_matches_the_committed_dvc_file(digits_csv):
     from distilflow.hashing import file_md5
 
@@ -56,9 +100,10 @@ def test_raw_data_md5_matches_the_committed_dvc_file(digits_csv):
     assert file_md5(digits_csv) == committed
 
 
+@pytest.mark.slow
 def test_repro_twice_then_a_param_change_reruns_only_downstream(dvc_repo):
     first = sh(dvc_repo, "dvc", "repro")
-    for stage in ("ingest", "clean", "split", "normalize"):
+    for stage in ("ingest", "clean", "split", "normalize", "backbone", "finetune", "distill", "quantize", "evaluate"):
         assert f"Running stage '{stage}'" in first
     assert Layout(dvc_repo).preprocessor.exists()
 
@@ -74,10 +119,11 @@ def test_repro_twice_then_a_param_change_reruns_only_downstream(dvc_repo):
     diff = sh(dvc_repo, "dvc", "params", "diff")
     assert "normalize.method" in diff and before in diff and after in diff
     third = sh(dvc_repo, "dvc", "repro")
-    assert "Running stage 'normalize'" in third
-    assert all(f"Running stage '{s}'" not in third for s in ("ingest", "clean", "split"))
+    assert "Running stage 'normalize'" in third and "Running stage 'finetune'" in third
+    assert all(f"Running stage '{s}'" not in third for s in ("ingest", "clean", "split", "backbone"))
 
 
+@pytest.mark.slow
 def test_push_and_pull_through_the_default_local_remote(dvc_repo):
     sh(dvc_repo, "dvc", "repro")
     sh(dvc_repo, "dvc", "push")

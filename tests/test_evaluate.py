@@ -73,8 +73,13 @@ def test_unknown_or_missing_variant_files_are_clear_errors(tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_variants():
-    table = pd.DataFrame({"variant": ["a", "b", "c", "d"], "accuracy": [0.90, 0.80, 0.95, 0.90],
-                          "latency_b1_median_ms": [1.0, 2.0, 3.0, 1.0]})
+    table = pd.DataFrame(
+        {
+            "variant": ["a", "b", "c", "d"],
+            "accuracy": [0.90, 0.80, 0.95, 0.90],
+            "latency_b1_median_ms": [1.0, 2.0, 3.0, 1.0],
+        }
+    )
     # b is worse than a on both; d ties a exactly, so neither dominates the other
     assert pareto_front(table).tolist() == [True, False, True, True]
 

@@ -13,18 +13,17 @@ import torch
 
 from distilflow.params import AugmentParams, BackboneParams, TrainParams
 from tasks.backbones import load_backbone
-from tasks.finetune import (
+from tasks.engine import (
     augment_flat,
     block_params,
     fit,
-    label_budget_subset,
     make_augmenter,
     param_groups,
-    predict_logits,
     set_trainable,
     unfrozen_blocks,
-    warmup_cosine,
 )
+from tasks.inference import TorchPredictor
+from tasks.splits import label_budget_subset
 from tests.conftest import REPO
 
 SHAPE = (8, 8, 1)
@@ -33,11 +32,12 @@ SHAPE = (8, 8, 1)
 @lru_cache(maxsize=1)
 def digits_arrays():
     """Digits, split and normalised by the project's own data stages."""
-    from sklearn.datasets import load_digits
     import pandas as pd
+    from sklearn.datasets import load_digits
 
     from distilflow.params import SplitParams
-    from tasks.data import LABEL, apply_normalizer, fit_normalizer, stratified_split
+    from tasks.preprocessing import apply_normalizer, fit_normalizer
+    from tasks.splits import LABEL, stratified_split
 
     d = load_digits()
     frame = pd.DataFrame(d.data, columns=[f"px{i}" for i in range(64)])
@@ -69,8 +69,15 @@ def test_strategies_freeze_exactly_the_intended_blocks():
     assert trainable_names(model) == head
     set_trainable(model, unfrozen_blocks("full", n, epoch=0, unfreeze_every=2))
     assert trainable_names(model) == {n_ for n_, _ in model.named_parameters()}
-    expected = {0: head, 1: head, 2: head | block(2), 3: head | block(2), 4: head | block(2) | block(1),
-                6: head | block(2) | block(1) | block(0), 40: head | block(2) | block(1) | block(0)}
+    expected = {
+        0: head,
+        1: head,
+        2: head | block(2),
+        3: head | block(2),
+        4: head | block(2) | block(1),
+        6: head | block(2) | block(1) | block(0),
+        40: head | block(2) | block(1) | block(0),
+    }
     for epoch, names in expected.items():
         set_trainable(model, unfrozen_blocks("progressive", n, epoch=epoch, unfreeze_every=2))
         assert trainable_names(model) == names, epoch
@@ -80,8 +87,16 @@ def test_linear_probe_leaves_the_backbone_bit_identical():
     X, y = digits_arrays()
     model = cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fit(model, X["train"][:200], y["train"][:200], X["val"], y["val"], TrainParams(strategy="linear_probe", epochs=2), seed=0,
-        image_shape=SHAPE)
+    fit(
+        model,
+        X["train"][:200],
+        y["train"][:200],
+        X["val"],
+        y["val"],
+        TrainParams(strategy="linear_probe", epochs=2),
+        seed=0,
+        image_shape=SHAPE,
+    )
     after = model.state_dict()
     for k, v in before.items():
         if k.startswith("head."):
@@ -102,10 +117,17 @@ def test_discriminative_learning_rates_per_block():
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
 
 
-def test_warmup_then_cosine():
-    f = warmup_cosine(warmup_steps=4, total_steps=14)
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+def test_warmup_then_cosine_over_the_epochs_fit_runs():
+    """The learning rate fit() logs per epoch: a linear rise over the warmup epoch, then cosine decay to ~0."""
+    X, y = digits_arrays()
+    cfg = TrainParams(epochs=5, warmup_epochs=1, batch_size=64, lr=1e-2, lr_decay=1.0, patience=10)
+    history = fit(cnn(), X["train"][:320], y["train"][:320], X["val"], y["val"], cfg, seed=0, image_shape=SHAPE).history
+    lrs = [h["lr"] for h in history]  # after each epoch's last step: 5 steps per epoch
+    assert lrs[0] == pytest.approx(1e-2, rel=1e-6)  # end of warmup: the full LR
+    assert lrs[1] > lrs[2] > lrs[3] > lrs[4] and lrs[2] == pytest.approx(
+        1e-2 * 0.5 * (1 + np.cos(np.pi * 10 / 20)), rel=1e-6
+    )
+    assert lrs[4] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_label_budget_subset_is_stratified_and_seeded():
@@ -128,7 +150,7 @@ def test_short_finetune_on_digits_reaches_the_floor():
     torch.manual_seed(3)
     model = cnn(width=16)
     fit(model, X["train"], y["train"], X["val"], y["val"], TrainParams(epochs=6), seed=3, image_shape=SHAPE)
-    acc = (predict_logits(model, torch.from_numpy(X["test"])).argmax(1).numpy() == y["test"]).mean()
+    acc = (TorchPredictor(model)(X["test"]).argmax(1) == y["test"]).mean()
     assert acc >= 0.95, f"test accuracy {acc:.3f} below the 0.95 floor"
 
 
@@ -170,4 +192,3 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     np.testing.assert_allclose(resumed["train_loss"], full["train_loss"], rtol=1e-6)
     for k in full["weights"]:
         np.testing.assert_allclose(resumed["weights"][k], full["weights"][k], rtol=1e-6, atol=1e-7)
-

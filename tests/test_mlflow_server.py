@@ -25,10 +25,25 @@ def mlflow_server(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -63,7 +78,8 @@ def test_pipeline_and_promotion_through_a_real_mlflow_server(prefect_api, projec
     mv = client.get_model_version(name, version)
     assert mv.tags["promotion.decision"] == "promoted" and mv.tags["promotion.by"] == "e2e"
     assert mv.tags["parent_run_id"] == summary["run_id"] and mv.tags["data_md5"] and mv.tags["split_hash.test"]
-    assert float(mv.tags["test_accuracy"]) > 0.5 and mv.source.startswith("mlflow-artifacts:")
+    assert float(mv.tags["test_accuracy"]) > 0.5 and mv.source == f"runs:/{mv.run_id}/registered/{name}"
+    assert client.get_run(mv.run_id).info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     for ref in (f"{name}-teacher", f"{name}-student"):
         assert [v.version for v in client.search_model_versions(f"name = '{ref}'")] == ["1"]
 
@@ -72,15 +88,26 @@ def test_pipeline_and_promotion_through_a_real_mlflow_server(prefect_api, projec
     assert client.get_experiment(parent.info.experiment_id).name == "distilflow-digits"
     assert parent.info.run_name.startswith("digits-") and parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {r.info.run_name for r in children} >= {"ingest", "clean", "split", "normalize", "finetune", "distill",
-                                                   "quantize", "evaluate", "register"}
+    assert {r.info.run_name for r in children} >= {
+        "ingest",
+        "clean",
+        "split",
+        "normalize",
+        "finetune",
+        "distill",
+        "quantize",
+        "evaluate",
+        "register",
+    }
     assert {"pareto.png", "compression.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     finetune = next(r for r in children if r.info.run_name == "finetune")
     assert {"teacher_learning_curve.png", "teacher_confusion_test.png"} <= {
-        a.path for a in client.list_artifacts(finetune.info.run_id)}
+        a.path for a in client.list_artifacts(finetune.info.run_id)
+    }
     register = next(r for r in children if r.info.run_name == "register")
     assert mv.run_id == register.info.run_id and "model_card.md" in {
-        a.path for a in client.list_artifacts(register.info.run_id)}
+        a.path for a in client.list_artifacts(register.info.run_id)
+    }
 
     audit = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     runs = client.search_runs([audit.experiment_id])

@@ -40,7 +40,9 @@ def test_fractions_must_sum_to_one():
         params_from_dict({"split": {"train": 0.8, "val": 0.15, "test": 0.15}})
 
 
-@pytest.mark.parametrize("section,key,value", [("seed", None, -1), ("split", "test", -0.1), ("clean", "min_samples_per_class", -3)])
+@pytest.mark.parametrize(
+    "section,key,value", [("seed", None, -1), ("split", "test", -0.1), ("clean", "min_samples_per_class", -3)]
+)
 def test_negative_values_are_rejected(section, key, value):
     raw = {section: value} if key is None else {section: {key: value}}
     if section == "split":

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distilflow.cli import main
+from cli import main
 from distilflow.hashing import file_md5
 from distilflow.layout import Layout
 from distilflow.params import load_params
@@ -22,8 +22,12 @@ STAGES = ["ingest", "clean", "split", "normalize"]
 def run(project, **overrides):
     for section, values in overrides.items():
         edit_params(project, **{section: values})
-    return pipeline(params=load_params(project / "params.yaml"), root=str(project),
-                    tracking_uri=default_tracking_uri(project), stop_after="normalize")
+    return pipeline(
+        params=load_params(project / "params.yaml"),
+        root=str(project),
+        tracking_uri=default_tracking_uri(project),
+        stop_after="normalize",
+    )
 
 
 def test_flow_logs_parent_and_child_runs_with_lineage(prefect_api, project):
@@ -37,7 +41,11 @@ def test_flow_logs_parent_and_child_runs_with_lineage(prefect_api, project):
     tags = parent.data.tags
     assert tags["data_md5"] == file_md5(project / "data/raw/digits.csv")
     assert tags["params_hash"] == load_params(project / "params.yaml").hash()
-    assert tags["git_commit"]
+    assert len(tags["mlflow.source.git.commit"]) in (40, 7) or tags["mlflow.source.git.commit"] == "unknown"
+    assert tags["mlflow.source.name"] == "distilflow" and tags["mlflow.note.content"].startswith("distilflow pipeline")
+    assert tags["prefect.flow_run_id"]
+    inputs = client.get_run(summary["run_id"]).inputs.dataset_inputs
+    assert sorted(d.dataset.name for d in inputs) == ["digits-test", "digits-train", "digits-val"]
     assert {f"split_hash.{s}" for s in ("train", "val", "test")} <= set(tags)
     assert parent.data.params["split.test"] == "0.15" and parent.data.params["clean.nonfinite"] == "drop"
     assert parent.data.metrics["rows.test"] == 269
@@ -60,9 +68,17 @@ def test_cache_skips_unchanged_and_reruns_only_downstream(prefect_api, project):
     assert run(project)["stages"] == dict.fromkeys(STAGES, "ran")
     assert run(project)["stages"] == dict.fromkeys(STAGES, "cached")
     assert run(project, normalize={"method": "minmax"})["stages"] == {
-        "ingest": "cached", "clean": "cached", "split": "cached", "normalize": "ran"}
+        "ingest": "cached",
+        "clean": "cached",
+        "split": "cached",
+        "normalize": "ran",
+    }
     assert run(project, split={"test_seed": 3})["stages"] == {
-        "ingest": "cached", "clean": "cached", "split": "ran", "normalize": "ran"}
+        "ingest": "cached",
+        "clean": "cached",
+        "split": "ran",
+        "normalize": "ran",
+    }
     # an output deleted behind the cache's back is rebuilt, not trusted
     Layout(project).preprocessor.unlink()
     assert run(project)["stages"]["normalize"] == "ran"
@@ -85,10 +101,21 @@ def _runs_by_status(project):
     "setup,message,failed_outputs",
     [
         (lambda p: (p / "data/raw/digits.csv").unlink(), "data.source not found", ["ingested"]),
-        (lambda p: (p / "data/raw/digits.csv").write_text("a,b\n1,2\n"), "label column 'label' not found", ["ingested"]),
-        (lambda p: edit_params(p, data={"classes": ["x", "y"]}), "no rows left after cleaning", ["cleaned", "cleaning_report"]),
-        (lambda p: edit_params(p, clean={"rare_classes": "fail", "min_samples_per_class": 500}),
-         "too few samples to stratify", ["cleaned", "cleaning_report"]),
+        (
+            lambda p: (p / "data/raw/digits.csv").write_text("a,b\n1,2\n"),
+            "label column 'label' not found",
+            ["ingested"],
+        ),
+        (
+            lambda p: edit_params(p, data={"classes": ["x", "y"]}),
+            "no rows left after cleaning",
+            ["cleaned", "cleaning_report"],
+        ),
+        (
+            lambda p: edit_params(p, clean={"rare_classes": "fail", "min_samples_per_class": 500}),
+            "too few samples to stratify",
+            ["cleaned", "cleaning_report"],
+        ),
     ],
 )
 def test_bad_input_through_the_cli(prefect_api, project, capfd, setup, message, failed_outputs):
@@ -96,7 +123,7 @@ def test_bad_input_through_the_cli(prefect_api, project, capfd, setup, message, 
     code = main(["run", "--params", str(project / "params.yaml"), "--stop-after", "normalize"])
     out, err = capfd.readouterr()
     assert code == 1
-    assert err.strip().splitlines()[-1].startswith(f"distilflow: error: ") and message in err.strip().splitlines()[-1]
+    assert err.strip().splitlines()[-1].startswith("distilflow: error: ") and message in err.strip().splitlines()[-1]
     assert "Traceback" not in out + err
     layout = Layout(project)
     assert not any(getattr(layout, name).exists() for name in failed_outputs)
@@ -121,23 +148,33 @@ def test_an_unchanged_rerun_through_the_cli_is_answered_before_the_flow_starts(p
     # each of these is a change: a full run follows (answered from Prefect's cache), then it is up to date again
     raw = project / "data/raw/digits.csv"
     changes = [  # the first three each differ from the run before in that one thing only; --force always runs
-        (lambda: os.utime(Layout(project).preprocessor, ns=(1, 1)), []),  # an output touched by hand
-        (lambda: raw.write_text(raw.read_text() + "\n"), []),  # the data source
-        (lambda: None, ["--set", "split.test_seed=7"]),
-        (lambda: None, ["--force"]),
+        (lambda: os.utime(Layout(project).preprocessor, ns=(1, 1)), [], []),  # an output touched by hand
+        (lambda: raw.write_text(raw.read_text() + "\n"), [], ["ingest"]),  # the data source (same rows)
+        (lambda: None, ["--set", "split.test_seed=7"], ["split", "normalize"]),
+        (lambda: None, ["--set", "split.test_seed=7", "--force"], []),
     ]
-    for i, (change, extra) in enumerate(changes):
+    for i, (change, extra, ran) in enumerate(changes):
+        before = sum(_runs_by_status(project).values())
         change()
         assert main(args + extra) == 0
-        assert "done: MLflow run" in capfd.readouterr().out, i
-    assert sum(_runs_by_status(project).values()) == 5 * (1 + len(changes))
-    assert main(args) == 0 and capfd.readouterr().out.startswith("up to date")
+        out = capfd.readouterr().out
+        assert "done: MLflow run" in out, i
+        assert out.split("stages: ")[1].splitlines()[0] == ", ".join(
+            f"{s}={'ran' if s in ran else 'cached'}" for s in STAGES
+        ), i
+        # a parent run, and a child run only for each stage that did work: cached ones are listed on the parent
+        assert sum(_runs_by_status(project).values()) - before == 1 + len(ran), i
+    assert main(args + ["--set", "split.test_seed=7"]) == 0 and capfd.readouterr().out.startswith("up to date")
 
 
 def test_malformed_params_in_a_fresh_process(project):
     (project / "params.yaml").write_text("split:\n  train: [0.7\n")
-    proc = subprocess.run([sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("distilflow: error:") and "not valid YAML" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -168,21 +205,28 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     parent = client.get_run(summary["run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     ft = next(r for r in children if r.data.tags["distilflow.stage"] == "finetune")
-    assert ft.data.tags["backbone.version"] == f"distilflow-pretrained-mnist/{pretrained.version}"
-    assert len(client.get_metric_history(ft.info.run_id, "val_accuracy")) == 4
-    assert len(client.get_metric_history(ft.info.run_id, "samples_per_s")) == 4
+    bb = next(r for r in children if r.data.tags["distilflow.stage"] == "backbone")
+    assert bb.data.tags["backbone.version"] == f"models:/distilflow-pretrained-mnist/{pretrained.version}"
+    assert len(client.get_metric_history(ft.info.run_id, "epoch.val_accuracy")) == 4
+    assert len(client.get_metric_history(ft.info.run_id, "epoch.samples_per_s")) == 4
+    assert ft.info.end_time - ft.info.start_time >= 1000 * sum(  # the child run spans the training it records
+        m.value for m in client.get_metric_history(ft.info.run_id, "epoch.epoch_time_s")
+    )
     files = {a.path for a in client.list_artifacts(ft.info.run_id)}
     assert {"teacher_learning_curve.png", "teacher_confusion_test.png", "teacher"} <= files
-    assert {"model.safetensors", "arch.json"} <= {a.path.split("/")[-1] for a in client.list_artifacts(ft.info.run_id, "teacher")}
+    assert {"model.safetensors", "arch.json"} <= {
+        a.path.split("/")[-1] for a in client.list_artifacts(ft.info.run_id, "teacher")
+    }
     assert ft.data.metrics["test.accuracy"] > 0.5 and "recall.9" in {k.removeprefix("test.") for k in ft.data.metrics}
     gain = parent.data.metrics
     assert gain["transfer.gain.5_per_class"] == pytest.approx(
-        gain["transfer.pretrained.5_per_class"] - gain["transfer.scratch.5_per_class"])
+        gain["transfer.pretrained.5_per_class"] - gain["transfer.scratch.5_per_class"]
+    )
 
     # compression: distill → quantize → evaluate, every variant in one table
     assert [summary["stages"][s] for s in ("distill", "quantize", "evaluate")] == ["ran"] * 3
     layout = Layout(project)
-    assert layout.int8("student", "onnx_qdq").is_file() and (layout.student / "model.safetensors").is_file()
+    assert (layout.student_int8 / "model.onnx").is_file() and (layout.student / "model.safetensors").is_file()
     report = layout.compression_report.read_text()
     for variant in ("teacher fp32", "student fp32 (KD)", "student fp32 (no KD)", "student int8"):
         assert f"| {variant} |" in report
@@ -193,18 +237,26 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     assert gain["student.kd.gain.all"] == pytest.approx(kd["all"]["gain"])
     q = next(r for r in children if r.data.tags["distilflow.stage"] == "quantize")
     assert q.data.tags["quantize.remedy"] in {"none", "calibration", "exclude_sensitive", "qat"}
-    assert q.data.metrics["student.int8_accuracy"] >= q.data.metrics["student.fp32_accuracy"] - params.quantize.max_accuracy_drop
-    assert {"compression.md", "pareto.png", "compression.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert (
+        q.data.metrics["student.int8_accuracy"]
+        >= q.data.metrics["student.fp32_accuracy"] - params.quantize.max_accuracy_drop
+    )
+    assert {"compression.md", "pareto.png", "compression.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
     again = pipeline(params=params, root=str(project), tracking_uri=uri)
     assert all(again["stages"][s] == "cached" for s in ("finetune", "transfer_gain", "distill", "quantize", "evaluate"))
 
-    # the second int8 backend through the same stages: TorchScript .pt, evaluated by the same harness
-    from tasks.evaluate import evaluate_stage
-    from tasks.quantize import quantize_stage
+    # the second int8 backend through the same stage: TorchScript .pt, evaluated by the same harness
+    from distilflow.stages import BY_NAME
+    from flows.stages import run_plain
+    from tasks.dataset import load_splits
+    from tasks.evaluate import evaluate_variant
 
-    fx = params.quantize.model_copy(update={"backend": "torch_fx"})
-    quantize_stage(layout, fx, layout.student, params.seed, threads=1)
-    assert layout.int8("student", "torch_fx").suffix == ".pt" and layout.int8("student", "torch_fx").is_file()
-    table = evaluate_stage(layout, {"student int8 (fx)": layout.int8("student", "torch_fx")}, 1, 3, [])
-    assert table.iloc[0]["accuracy"] > 0.5
+    fx = params.model_copy(update={"quantize": params.quantize.model_copy(update={"backend": "torch_fx"})})
+    run_plain(BY_NAME["quantize"], fx, layout)
+    assert (layout.student_int8 / "model.pt").is_file() and not (layout.student_int8 / "model.onnx").exists()
+    _, data = load_splits(layout.train, layout.val, layout.test, layout.preprocessor)
+    row = evaluate_variant("student int8 (fx)", layout.student_int8, *data["test"], threads=1, repeats=3)
+    assert row["accuracy"] > 0.5

@@ -10,9 +10,10 @@ from torch import nn
 
 from distilflow.errors import DistilflowError
 from distilflow.params import DistillParams, QuantizeParams, params_from_dict
-from tasks.distill import train_without_kd
+from tasks.inference import OnnxPredictor
+from tasks.kd import train_without_kd
 from tasks.models import builtin_classifier
-from tasks.quantize import OnnxPredictor, export_onnx, fold_batchnorm, qat_finetune, quantize_int8
+from tasks.quantize import export_onnx, fold_batchnorm, qat_finetune, quantize_int8
 
 torch.set_num_threads(1)
 
@@ -26,8 +27,9 @@ def digits():
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    X_tr, X_rest, y_tr, y_rest = train_test_split(d.data.astype(np.float32), d.target, test_size=0.4,
-                                                  random_state=0, stratify=d.target)
+    X_tr, X_rest, y_tr, y_rest = train_test_split(
+        d.data.astype(np.float32), d.target, test_size=0.4, random_state=0, stratify=d.target
+    )
     X_va, X_te, y_va, y_te = train_test_split(X_rest, y_rest, test_size=0.5, random_state=0, stratify=y_rest)
     mu, sd = X_tr.mean(0), X_tr.std(0)
     sd[sd == 0] = 1
@@ -74,7 +76,7 @@ def test_int8_agrees_with_fp32_on_the_digits_test_split(cnn, digits, tmp_path):
     out = tmp_path / "out" / "student_int8.onnx"
     path, record = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(), tmp_path / "work", out_path=out)
     assert path == out and out.is_file()
-    int8 = OnnxPredictor(out).predict_logits(X_te).argmax(1)
+    int8 = OnnxPredictor(out)(X_te).argmax(1)
     agreement = (int8 == _fp32_predictions(cnn, X_te)).mean()
     assert agreement >= AGREEMENT_FLOOR
     assert (int8 == y_te).mean() > 0.85
@@ -107,8 +109,16 @@ def test_fallback_to_per_channel_when_per_tensor_weights_lose_accuracy(cnn, digi
 def test_a_tiny_budget_triggers_the_fallback_on_a_normal_model(cnn, digits, tmp_path):
     X_tr, y_tr, X_va, y_va, _, _ = digits
     per_tensor = dict(per_channel=False, calibration_method="minmax", calibration_size=64)
-    loose_path, loose = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
-                                      tmp_path / "loose", X_train=X_tr, y_train=y_tr)
+    loose_path, loose = quantize_int8(
+        cnn,
+        X_tr,
+        X_va,
+        y_va,
+        QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
+        tmp_path / "loose",
+        X_train=X_tr,
+        y_train=y_tr,
+    )
     assert loose["remedy"] == "none" and len(loose["attempts"]) == 1
     # Validate on the rows fp32 gets right by the thinnest margin: int8 can only flip them the wrong
     # way, so plain int8 misses a zero budget whatever the CPU's int8 kernels round to.
@@ -121,9 +131,17 @@ def test_a_tiny_budget_triggers_the_fallback_on_a_normal_model(cnn, digits, tmp_
     edge = right[np.argsort(margin[right])[:40]]
     out = tmp_path / "tight.onnx"
     try:
-        tight_path, tight = quantize_int8(cnn, X_tr, X_all[edge], y_all[edge],
-                                          QuantizeParams(max_accuracy_drop=0.0, **per_tensor), tmp_path / "tight",
-                                          out_path=out, X_train=X_tr, y_train=y_tr)
+        tight_path, tight = quantize_int8(
+            cnn,
+            X_tr,
+            X_all[edge],
+            y_all[edge],
+            QuantizeParams(max_accuracy_drop=0.0, **per_tensor),
+            tmp_path / "tight",
+            out_path=out,
+            X_train=X_tr,
+            y_train=y_tr,
+        )
     except DistilflowError as exc:  # no remedy reached a zero drop: said so, and nothing written
         assert "after trying: calibration, exclude_sensitive" in str(exc) and not out.exists()
     else:
@@ -197,9 +215,17 @@ def test_torch_fx_backend_writes_a_torchscript_int8_model(cnn, digits, tmp_path)
     assert (int8 == _fp32_predictions(cnn, X_te)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("key,value", [("calibration_size", 0), ("max_accuracy_drop", -0.01), ("max_accuracy_drop", 2),
-                                       ("calibration_method", "mse"), ("backend", "tflite"),
-                                       ("exclude_sensitive_max", -1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("calibration_size", 0),
+        ("max_accuracy_drop", -0.01),
+        ("max_accuracy_drop", 2),
+        ("calibration_method", "mse"),
+        ("backend", "tflite"),
+        ("exclude_sensitive_max", -1),
+    ],
+)
 def test_bad_quantize_params_name_the_key(key, value):
     with pytest.raises(DistilflowError, match=rf"quantize\.{key}"):
         params_from_dict({"quantize": {key: value}})

@@ -20,8 +20,8 @@ from distilflow.io import read_json
 from distilflow.layout import Layout
 from distilflow.params import GateParams
 from distilflow.tracking import Tracker, default_tracking_uri
-from tasks import registry
-from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, Variant
+from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, packaging, promotion, registration, scoring
+from tasks.registry.registration import Variant
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -42,19 +42,27 @@ def fresh(tmp_path) -> Tracker:
     return Tracker(default_tracking_uri(tmp_path), tmp_path)
 
 
-def register(tracker, trained, classifier, row: str = "student int8", tags: dict | None = None, name: str = NAME) -> str:
+def register(
+    tracker, trained, classifier, row: str = "student int8", tags: dict | None = None, name: str = NAME
+) -> str:
     """One product version in `tracker`'s store, as the pipeline registers it."""
     layout = Layout(trained["root"])
     pre = read_json(layout.preprocessor)
-    example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
+    example = packaging.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
     with tracker.run("distilflow-test", "register") as run:
-        registered = registry.register_variants(tracker, run, [Variant(name, classifier, rows(trained)[row], "product")],
-                                                layout.preprocessor, example, {**base_tags(trained), **(tags or {})},
-                                                "# card\n")
+        registered = registration.register_variants(
+            tracker,
+            run,
+            [Variant(name, classifier, rows(trained)[row], "product")],
+            layout.preprocessor,
+            example,
+            {**base_tags(trained), **(tags or {})},
+            "# card\n",
+        )
     return registered["product"]
 
 
-def random_model(trained, out) -> "Path":
+def random_model(trained, out):
     """The teacher's architecture with fresh random weights: a model that is certainly worse."""
     import torch
 
@@ -70,7 +78,7 @@ def aliases(tracker, name=NAME) -> dict:
 
 
 def promote(tracker, trained, gates=LENIENT, **kw):
-    return registry.promote(tracker, NAME, gates, Layout(trained["root"]).split("test"), actor="tester", **kw)
+    return promotion.promote(tracker, NAME, gates, Layout(trained["root"]).split("test"), actor="tester", **kw)
 
 
 # ---------------------------------------------------------------------------- registration by the pipeline
@@ -83,8 +91,19 @@ def test_pipeline_registers_product_and_references_with_lineage_card_and_signatu
     product = client.get_model_version_by_alias(NAME, CHALLENGER)
     t = product.tags
     run = client.get_run(summary["run_id"])
-    for key in ("git_commit", "data_md5", "split_hash.train", "split_hash.val", "split_hash.test", "params_hash",
-                "compression_recipe", "test_accuracy", "size_bytes", "latency_b1_ms", "latency_b256_ms"):
+    for key in (
+        "git_commit",
+        "data_md5",
+        "split_hash.train",
+        "split_hash.val",
+        "split_hash.test",
+        "params_hash",
+        "compression_recipe",
+        "test_accuracy",
+        "size_bytes",
+        "latency_b1_ms",
+        "latency_b256_ms",
+    ):
         assert t.get(key), key
     assert t["parent_run_id"] == summary["run_id"] and t["data_md5"] == run.data.tags["data_md5"]
     assert t["split_hash.test"] == run.data.tags["split_hash.test"] and t["role"] == "product"
@@ -94,7 +113,9 @@ def test_pipeline_registers_product_and_references_with_lineage_card_and_signatu
     assert int(t["size_bytes"]) == int8_row["file_bytes"]
     # the version links to the register child run of this pipeline run
     child = client.get_run(product.run_id)
-    assert child.data.tags["mlflow.parentRunId"] == summary["run_id"] and child.data.tags["distilflow.stage"] == "register"
+    assert (
+        child.data.tags["mlflow.parentRunId"] == summary["run_id"] and child.data.tags["distilflow.stage"] == "register"
+    )
     for ref in (f"{NAME}-teacher", f"{NAME}-student"):
         v = client.search_model_versions(f"name = '{ref}'")
         assert len(v) == 1 and v[0].tags["role"] == "reference" and v[0].run_id == product.run_id
@@ -115,15 +136,22 @@ def test_pipeline_registers_product_and_references_with_lineage_card_and_signatu
 
 def test_an_unchanged_model_is_not_registered_twice(trained, tmp_path):
     tracker = fresh(tmp_path)
-    int8 = Layout(trained["root"]).int8("student", "onnx_qdq")
+    int8 = Layout(trained["root"]).student_int8
     first = register(tracker, trained, int8)
     assert register(tracker, trained, int8) == first
     layout = Layout(trained["root"])
     pre = read_json(layout.preprocessor)
-    example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
+    example = packaging.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
     with tracker.run("distilflow-test", "register") as run:
-        again = registry.register_variants(tracker, run, [Variant(NAME, int8, rows(trained)["student int8"], "product")],
-                                           layout.preprocessor, example, base_tags(trained), "# card\n")
+        again = registration.register_variants(
+            tracker,
+            run,
+            [Variant(NAME, int8, rows(trained)["student int8"], "product")],
+            layout.preprocessor,
+            example,
+            base_tags(trained),
+            "# card\n",
+        )
     assert again == {"versions": {NAME: first}, "product": first, "unchanged": True}
     assert len(tracker.client.search_model_versions(f"name = '{NAME}'")) == 1
 
@@ -133,25 +161,28 @@ def test_registration_is_all_or_nothing(trained, tmp_path):
     layout = Layout(trained["root"])
     broken = shutil.copytree(layout.student, tmp_path / "broken_student")
     (broken / "model.safetensors").write_bytes(b"not a model")
-    variants = [Variant(NAME, layout.int8("student", "onnx_qdq"), rows(trained)["student int8"], "product"),
-                Variant(f"{NAME}-teacher", layout.teacher, rows(trained)["teacher fp32"], "reference"),
-                Variant(f"{NAME}-student", broken, rows(trained)["student fp32 (KD)"], "reference")]
+    variants = [
+        Variant(NAME, layout.student_int8, rows(trained)["student int8"], "product"),
+        Variant(f"{NAME}-teacher", layout.teacher, rows(trained)["teacher fp32"], "reference"),
+        Variant(f"{NAME}-student", broken, rows(trained)["student fp32 (KD)"], "reference"),
+    ]
     pre = read_json(layout.preprocessor)
-    example = registry.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
-    with pytest.raises(Exception):
-        with tracker.run("distilflow-test", "register") as run:
-            registry.register_variants(tracker, run, variants, layout.preprocessor, example, base_tags(trained), "# c\n")
+    example = packaging.raw_example(layout.root / "data/raw/digits.csv", layout.split("test"), pre["feature_columns"])
+    with pytest.raises(DistilflowError), tracker.run("distilflow-test", "register") as run:
+        registration.register_variants(
+            tracker, run, variants, layout.preprocessor, example, base_tags(trained), "# c\n"
+        )
     for name in (NAME, f"{NAME}-teacher", f"{NAME}-student"):
         assert tracker.client.search_model_versions(f"name = '{name}'") == []
         # the models this first registration created are gone too, so nothing looks registered
         assert tracker.client.search_registered_models(f"name = '{name}'") == []
     with pytest.raises(DistilflowError, match="unknown registered model"):
-        registry.require_model(tracker.client, NAME)
+        registration.require_model(tracker.client, NAME)
 
 
 def test_an_unfinished_registration_is_neither_promoted_nor_taken_for_a_finished_one(trained, tmp_path):
     tracker = fresh(tmp_path)
-    int8 = Layout(trained["root"]).int8("student", "onnx_qdq")
+    int8 = Layout(trained["root"]).student_int8
     v = register(tracker, trained, int8)
     assert tracker.client.get_model_version(NAME, v).tags["registration"] == "complete"
     # what a process killed between creating the version and finishing the registration leaves behind
@@ -169,24 +200,31 @@ def test_an_unfinished_registration_is_neither_promoted_nor_taken_for_a_finished
 # ---------------------------------------------------------------------------- gates
 
 
-@pytest.mark.parametrize("gate, setting, passes", [
-    ("min_accuracy", {"min_accuracy": 0.95}, True), ("min_accuracy", {"min_accuracy": 0.97}, False),
-    ("max_accuracy_drop", {"max_accuracy_drop": 0.02}, True), ("max_accuracy_drop", {"max_accuracy_drop": 0.01}, False),
-    ("max_latency_ms", {"max_latency_ms": 0.5}, True), ("max_latency_ms", {"max_latency_ms": 0.3}, False),
-    ("max_size_kb", {"max_size_kb": 30}, True), ("max_size_kb", {"max_size_kb": 20}, False),
-])
+@pytest.mark.parametrize(
+    "gate, setting, passes",
+    [
+        ("min_accuracy", {"min_accuracy": 0.95}, True),
+        ("min_accuracy", {"min_accuracy": 0.97}, False),
+        ("max_accuracy_drop", {"max_accuracy_drop": 0.02}, True),
+        ("max_accuracy_drop", {"max_accuracy_drop": 0.01}, False),
+        ("max_latency_ms", {"max_latency_ms": 0.5}, True),
+        ("max_latency_ms", {"max_latency_ms": 0.3}, False),
+        ("max_size_kb", {"max_size_kb": 30}, True),
+        ("max_size_kb", {"max_size_kb": 20}, False),
+    ],
+)
 def test_each_gate_passes_and_fails_on_its_threshold(gate, setting, passes):
     challenger = {"accuracy": 0.96, "latency_b1_ms": 0.4, "size_bytes": 25 * 1024, "version": "2"}
     champion = {"accuracy": 0.975, "version": "1"}
     gates = GateParams(**{**LENIENT.model_dump(), **setting})
-    result = {g.name: g for g in registry.check_gates(challenger, champion, gates)}
+    result = {g.name: g for g in promotion.check_gates(challenger, champion, gates)}
     assert result[gate].passed is passes
     assert all(g.passed for name, g in result.items() if name != gate)
 
 
 def test_first_model_is_promoted_when_the_absolute_gates_pass(trained, tmp_path):
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    v = register(tracker, trained, Layout(trained["root"]).student_int8)
     result = promote(tracker, trained)
     assert result["decision"] == "promoted"
     assert aliases(tracker) == {CHAMPION: v}
@@ -194,13 +232,14 @@ def test_first_model_is_promoted_when_the_absolute_gates_pass(trained, tmp_path)
     assert tags["promotion.decision"] == "promoted" and tags["promotion.by"] == "tester"
     assert tags["promotion.gate.max_accuracy_drop.value"] == "n/a" and tags["promotion.against"] == "none"
     # the accuracy gate used the model re-scored on the frozen test split: the pipeline's own figure
-    assert float(tags["promotion.gate.min_accuracy.value"]) == pytest.approx(rows(trained)["student int8"]["accuracy"],
-                                                                              abs=1e-5)
+    assert float(tags["promotion.gate.min_accuracy.value"]) == pytest.approx(
+        rows(trained)["student int8"]["accuracy"], abs=1e-5
+    )
 
 
 def test_first_model_failing_an_absolute_gate_is_rejected_and_recorded(trained, tmp_path):
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    v = register(tracker, trained, Layout(trained["root"]).student_int8)
     result = promote(tracker, trained, GateParams(**{**LENIENT.model_dump(), "max_size_kb": 0.5}))
     assert result["decision"] == "rejected" and "size" in result["reasons"]
     assert aliases(tracker) == {}  # no champion, and the challenger was decided
@@ -213,7 +252,7 @@ def test_worse_challenger_is_rejected_and_champion_kept_then_better_one_promoted
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
     gates = GateParams(min_accuracy=0.0, max_accuracy_drop=0.1, max_latency_ms=1000, max_size_kb=1e6)
-    v1 = register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    v1 = register(tracker, trained, layout.student_int8)
     assert promote(tracker, trained, gates)["decision"] == "promoted"
 
     v2 = register(tracker, trained, random_model(trained, tmp_path / "random"), row="teacher fp32")
@@ -222,7 +261,10 @@ def test_worse_challenger_is_rejected_and_champion_kept_then_better_one_promoted
     assert result["decision"] == "rejected" and result["champion"] == v1
     assert aliases(tracker) == {CHAMPION: v1}
     tags = tracker.client.get_model_version(NAME, v2).tags
-    assert tags["promotion.gate.max_accuracy_drop.passed"] == "false" and float(tags["promotion.gate.max_accuracy_drop.value"]) > 0.3
+    assert (
+        tags["promotion.gate.max_accuracy_drop.passed"] == "false"
+        and float(tags["promotion.gate.max_accuracy_drop.value"]) > 0.3
+    )
     assert tags["promotion.against"] == v1
 
     v3 = register(tracker, trained, layout.teacher, row="teacher fp32")
@@ -230,16 +272,20 @@ def test_worse_challenger_is_rejected_and_champion_kept_then_better_one_promoted
     assert result["decision"] == "promoted", result["reasons"]
     assert aliases(tracker) == {CHAMPION: v3, PREVIOUS: v1}
 
-    back = registry.rollback(tracker, NAME, actor="oncall", reason="latency regression in prod")
+    back = promotion.rollback(tracker, NAME, actor="oncall", reason="latency regression in prod")
     assert back == {"model": NAME, "champion": v1, "demoted": v3}
     assert aliases(tracker) == {CHAMPION: v1}
     assert tracker.client.get_model_version(NAME, v3).tags["rollback.reason"] == "latency regression in prod"
     with pytest.raises(DistilflowError, match="no 'previous-champion'"):
-        registry.rollback(tracker, NAME, actor="oncall", reason="again")
+        promotion.rollback(tracker, NAME, actor="oncall", reason="again")
 
-    trail = registry.audit_trail(tracker, NAME)
+    trail = promotion.audit_trail(tracker, NAME)
     assert [(r["action"], r["version"], r["decision"]) for r in trail] == [
-        ("promote", v1, "promoted"), ("promote", v2, "rejected"), ("promote", v3, "promoted"), ("rollback", v1, "")]
+        ("promote", v1, "promoted"),
+        ("promote", v2, "rejected"),
+        ("promote", v3, "promoted"),
+        ("rollback", v1, ""),
+    ]
     assert trail[-1]["by"] == "oncall" and trail[-1]["reason"] == "latency regression in prod"
     assert trail[-1]["from_version"] == v3 and trail[1]["by"] == "tester" and "drop" in trail[1]["reason"]
     assert all(r["at"] for r in trail)
@@ -252,20 +298,20 @@ def test_promoting_without_a_challenger_changes_nothing(trained, tmp_path, monke
     from flows.deployments import scheduled_promote
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    v = register(tracker, trained, Layout(trained["root"]).student_int8)
     promote(tracker, trained)
     with pytest.raises(DistilflowError, match="no 'challenger' version"):
         promote(tracker, trained)
     # the nightly promotion deployment completes quietly when the night brought nothing new
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
     assert scheduled_promote(params_file=str(trained["root"] / "params.yaml"))["decision"] == "none"
-    assert aliases(tracker) == {CHAMPION: v} and len(registry.audit_trail(tracker, NAME)) == 1
+    assert aliases(tracker) == {CHAMPION: v} and len(promotion.audit_trail(tracker, NAME)) == 1
 
 
 def test_challenger_on_other_data_than_the_champion_is_refused(trained, tmp_path):
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
-    v1 = register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    v1 = register(tracker, trained, layout.student_int8)
     promote(tracker, trained)
     v2 = register(tracker, trained, layout.teacher, row="teacher fp32", tags={"data_md5": "0" * 32})
     with pytest.raises(DistilflowError, match="other data than champion"):
@@ -276,9 +322,11 @@ def test_challenger_on_other_data_than_the_champion_is_refused(trained, tmp_path
 
 def test_unknown_model_name_is_a_clear_error(trained, tmp_path):
     tracker = fresh(tmp_path)
-    register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
-    for call in (lambda: registry.promote(tracker, "no-such-model", LENIENT, Layout(trained["root"]).split("test")),
-                 lambda: registry.rollback(tracker, "no-such-model")):
+    register(tracker, trained, Layout(trained["root"]).student_int8)
+    for call in (
+        lambda: promotion.promote(tracker, "no-such-model", LENIENT, Layout(trained["root"]).split("test")),
+        lambda: promotion.rollback(tracker, "no-such-model"),
+    ):
         with pytest.raises(DistilflowError, match=f"unknown registered model 'no-such-model'.*{NAME}"):
             call()
 
@@ -292,8 +340,14 @@ def test_unreachable_tracking_server_retries_then_fails_clearly(trained, tmp_pat
         port = s.getsockname()[1]  # closed again: nothing listens there
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml")],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("distilflow: error:")]
     assert len(errors) == 1 and errors[0].startswith("distilflow: error: MLflow tracking server http://127.0.0.1:")
@@ -305,12 +359,12 @@ def test_unreachable_tracking_server_retries_then_fails_clearly(trained, tmp_pat
 
 
 def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(trained, tmp_path):
-    from tasks.data import load_xy
-    from tasks.quantize import OnnxPredictor
+    from tasks.dataset import load_xy
+    from tasks.inference import load_predictor
 
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
-    register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    register(tracker, trained, layout.student_int8)
     promote(tracker, trained)
     test = pd.read_parquet(layout.split("test"))
     raw = pd.read_csv(layout.root / "data/raw/digits.csv").iloc[:0]  # the raw CSV's column types
@@ -320,14 +374,21 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(traine
         f"mlflow.set_tracking_uri({tracker.uri!r})\n"
         f"model = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
         f"out = model.predict(pd.read_csv({str(tmp_path / 'raw_test.csv')!r}))\n"
-        "json.dump({'pred': out['prediction'].tolist(), 'p0': out['prob_0'].tolist()}, sys.stdout)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        "json.dump({'pred': out['prediction'].tolist(), 'p0': out['prob_0'].tolist()}, sys.stdout)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
 
     X, y = load_xy(layout.split("test"), read_json(layout.preprocessor))
-    logits = OnnxPredictor(layout.int8("student", "onnx_qdq")).predict_logits(X)
+    logits = load_predictor(layout.student_int8)(X)
     classes = np.asarray(read_json(layout.preprocessor)["classes"])
     assert served["pred"] == classes[logits.argmax(1)].tolist()
     assert np.mean(np.asarray(served["pred"]) == classes[y]) == pytest.approx(rows(trained)["student int8"]["accuracy"])
@@ -336,13 +397,13 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(traine
 
 def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_path):
     tracker = fresh(tmp_path)
-    register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    register(tracker, trained, Layout(trained["root"]).student_int8)
     promote(tracker, trained)
     uri = f"models:/{NAME}@{CHAMPION}"
     raw = pd.read_csv(trained["root"] / "data/raw/digits.csv").head(50)
     raw.insert(0, "id", range(50))
     raw.to_csv(tmp_path / "in.csv", index=False)
-    result = registry.score_csv(tracker, uri, tmp_path / "in.csv", tmp_path / "out.csv")
+    result = scoring.score_csv(tracker, uri, tmp_path / "in.csv", tmp_path / "out.csv")
     out = pd.read_csv(tmp_path / "out.csv")
     assert result["rows"] == 50 and list(out["id"]) == list(range(50))
     assert {"prediction", "prob_0", "prob_9", "label"} <= set(out.columns) and "px0" not in out.columns
@@ -351,12 +412,12 @@ def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_pat
 
     raw.drop(columns=["px5"]).to_csv(tmp_path / "missing.csv", index=False)
     with pytest.raises(DistilflowError, match=r"missing the model's input columns: \['px5'\]"):
-        registry.score_csv(tracker, uri, tmp_path / "missing.csv", tmp_path / "out2.csv")
+        scoring.score_csv(tracker, uri, tmp_path / "missing.csv", tmp_path / "out2.csv")
     raw.assign(px3=raw["px3"] + 0.5).to_csv(tmp_path / "fractional.csv", index=False)
     with pytest.raises(DistilflowError, match="column 'px3'"):
-        registry.score_csv(tracker, uri, tmp_path / "fractional.csv", tmp_path / "out2.csv")
+        scoring.score_csv(tracker, uri, tmp_path / "fractional.csv", tmp_path / "out2.csv")
     with pytest.raises(DistilflowError, match="not found"):
-        registry.score_csv(tracker, uri, tmp_path / "nope.csv", tmp_path / "out2.csv")
+        scoring.score_csv(tracker, uri, tmp_path / "nope.csv", tmp_path / "out2.csv")
     assert not (tmp_path / "out2.csv").exists()
 
 
@@ -365,11 +426,15 @@ def test_two_promotions_at_once_one_wins_the_other_reports_it(trained, tmp_path)
     from prefect.settings import get_current_settings
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    v = register(tracker, trained, Layout(trained["root"]).student_int8)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PREFECT_API_URL": str(get_current_settings().api.url)}
     cmd = [sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml")]
-    procs = [subprocess.Popen(cmd + ["--by", who], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for who in ("alice", "bob")]
+    procs = [
+        subprocess.Popen(
+            cmd + ["--by", who], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for who in ("alice", "bob")
+    ]
     outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     winners = [o for o in outs if o[0] == 0]
     losers = [o for o in outs if o[0] != 0]
@@ -379,7 +444,7 @@ def test_two_promotions_at_once_one_wins_the_other_reports_it(trained, tmp_path)
     assert len(error) == 1 and ("already decided by another promotion" in error[0] or "no 'challenger'" in error[0])
     assert losers[0][0] == 1 and "Traceback" not in losers[0][2]
     assert aliases(tracker) == {CHAMPION: v}
-    trail = registry.audit_trail(tracker, NAME)
+    trail = promotion.audit_trail(tracker, NAME)
     assert len(trail) == 1 and trail[0]["decision"] == "promoted" and trail[0]["by"] in ("alice", "bob")
 
 
@@ -387,8 +452,17 @@ def _promote_cli(tracker, trained, *extra, who="bob"):
     from prefect.settings import get_current_settings
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PREFECT_API_URL": str(get_current_settings().api.url)}
-    cmd = [sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml"),
-           "--by", who, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distilflow",
+        "promote",
+        "--params",
+        str(trained["root"] / "params.yaml"),
+        "--by",
+        who,
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -397,7 +471,7 @@ def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhil
     from flows.registry import _file_lock, lock_file
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    v = register(tracker, trained, Layout(trained["root"]).student_int8)
     lines = []
     with _file_lock(lock_file(tracker.uri, NAME), 5, "the test's hold"):
         proc = _promote_cli(tracker, trained)
@@ -410,17 +484,19 @@ def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhil
     out = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, out
     errors = [line for line in out.splitlines() if line.startswith("distilflow: error:")]
-    assert len(errors) == 1 and f"challenger version {v} of {NAME} was already decided by another promotion" in errors[0]
+    assert (
+        len(errors) == 1 and f"challenger version {v} of {NAME} was already decided by another promotion" in errors[0]
+    )
     assert "promoted by tester" in errors[0] and "Traceback" not in out
     assert aliases(tracker) == {CHAMPION: v}
-    assert [r["by"] for r in registry.audit_trail(tracker, NAME)] == ["tester"]
+    assert [r["by"] for r in promotion.audit_trail(tracker, NAME)] == ["tester"]
 
 
 def test_a_promotion_that_cannot_get_the_lock_in_time_fails_clearly_and_changes_nothing(trained, tmp_path):
     from flows.registry import registry_lock
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).int8("student", "onnx_qdq"))
+    v = register(tracker, trained, Layout(trained["root"]).student_int8)
     with registry_lock(tracker, NAME, 5):  # the Prefect concurrency slot first, where the other process waits
         proc = _promote_cli(tracker, trained, "--set", "registry.lock_timeout_s=2")
         out = proc.communicate(timeout=120)[0]
@@ -430,14 +506,14 @@ def test_a_promotion_that_cannot_get_the_lock_in_time_fails_clearly_and_changes_
     assert "registry.lock_timeout_s" in errors[0]
     assert "Traceback" not in out
     assert aliases(tracker) == {CHALLENGER: v}
-    assert registry.audit_trail(tracker, NAME) == []
+    assert promotion.audit_trail(tracker, NAME) == []
 
 
 def test_rollback_audit_and_score_commands(trained, tmp_path):
     """The CLI a person uses: rollback restores the previous champion, audit lists it all, score writes predictions."""
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
-    v1 = register(tracker, trained, layout.int8("student", "onnx_qdq"))
+    v1 = register(tracker, trained, layout.student_int8)
     promote(tracker, trained)
     v2 = register(tracker, trained, layout.teacher, row="teacher fp32")
     promote(tracker, trained)
@@ -446,23 +522,37 @@ def test_rollback_audit_and_score_commands(trained, tmp_path):
     cli = [sys.executable, "-m", "distilflow"]
     params = ["--params", str(trained["root"] / "params.yaml")]
 
-    back = subprocess.run(cli + ["rollback", *params, "--reason", "p99 latency up", "--by", "oncall"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    back = subprocess.run(
+        cli + ["rollback", *params, "--reason", "p99 latency up", "--by", "oncall"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert back.returncode == 0, back.stderr
     assert aliases(tracker) == {CHAMPION: v1}
 
     trail = subprocess.run(cli + ["audit", *params], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert trail.returncode == 0, trail.stderr
     rows = [line.split(" | ") for line in trail.stdout.splitlines()[1:]]
-    assert [(r[2], r[3], r[5], r[6]) for r in rows] == [("promote", f"v{v1}", "promoted", "tester"),
-                                                        ("promote", f"v{v2}", "promoted", "tester"),
-                                                        ("rollback", f"v{v1}", "-", "oncall")]
+    assert [(r[2], r[3], r[5], r[6]) for r in rows] == [
+        ("promote", f"v{v1}", "promoted", "tester"),
+        ("promote", f"v{v2}", "promoted", "tester"),
+        ("rollback", f"v{v1}", "-", "oncall"),
+    ]
     assert rows[-1][4] == f"v{v2}" and rows[-1][7] == "p99 latency up"
 
     raw = pd.read_csv(layout.root / "data/raw/digits.csv").head(40)
     raw.to_csv(tmp_path / "new.csv", index=False)
-    scored = subprocess.run(cli + ["score", *params, str(tmp_path / "new.csv"), "--out", str(tmp_path / "pred.csv")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    scored = subprocess.run(
+        cli + ["score", *params, str(tmp_path / "new.csv"), "--out", str(tmp_path / "pred.csv")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert scored.returncode == 0, scored.stderr
     pred = pd.read_csv(tmp_path / "pred.csv")
     assert len(pred) == 40 and (pred["prediction"] == raw["label"]).mean() > 0.8

@@ -51,12 +51,22 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -92,8 +102,14 @@ def scheduled(prefect_server, tmp_path_factory, digits_csv):
     edit_params(project, schedule={"train_cron": EVERY_MINUTE, "promote_cron": EVERY_MINUTE, "timezone": "UTC"})
 
     serve_log = open(project / "serve.log", "w")
-    serve = subprocess.Popen([sys.executable, "-m", "distilflow", "serve", "--params", str(project / "params.yaml")],
-                             cwd=REPO, env=env, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "distilflow", "serve", "--params", str(project / "params.yaml")],
+        cwd=REPO,
+        env=env,
+        stdout=serve_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     pipeline_done = promote_done = None
     deadline = time.time() + 420
     try:
@@ -104,8 +120,11 @@ def scheduled(prefect_server, tmp_path_factory, digits_csv):
             if pipelines and pipeline_done is None:
                 pipeline_done = pipelines[0]
             if pipeline_done is not None:
-                promotes = [r for r in _flow_runs(api, "promote") if r["state_type"] == "COMPLETED"
-                            and r["start_time"] > pipeline_done["end_time"]]
+                promotes = [
+                    r
+                    for r in _flow_runs(api, "promote")
+                    if r["state_type"] == "COMPLETED" and r["start_time"] > pipeline_done["end_time"]
+                ]
                 promote_done = promotes[0] if promotes else None
     finally:
         _stop(serve)

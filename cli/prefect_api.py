@@ -1,0 +1,128 @@
+"""The temporary local Prefect API for one command, started so that Ctrl-C and kill -9 leave nothing behind.
+
+Prefect's own temporary server runs in the command's process group, so a
+terminal's Ctrl-C kills it first and the client then retries against a dead
+server for minutes. This one is the same server (uvicorn + Prefect's API app,
+no UI), started in its own session (Ctrl-C reaches only the command, which then
+records its runs as crashed through a live API and stops the server) and with
+PR_SET_PDEATHSIG (if the command is killed outright, the kernel ends the
+server too). With PREFECT_API_URL set, the command uses that server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from distilflow.errors import DistilflowError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _flush_logs() -> None:
+    """Send the run's buffered logs and events to the API before it stops.
+
+    Otherwise Prefect's workers drain at exit, against a stopped server, and
+    retry with backoff for a minute before saying they could not.
+    """
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001 - logs are best effort; the command's outcome does not depend on them
+        pass
+
+
+@contextlib.contextmanager
+def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
+    """Yield the API URL in use: the configured server's, or a temporary one's started for this block."""
+    import httpx
+    import prefect
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield str(get_current_settings().api.url)
+        return
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(prefect.__module_path__.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
+    server = subprocess.Popen(
+        command,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                err = server.stderr.read().decode(errors="replace").strip().splitlines()[-1:] if server.stderr else []
+                raise DistilflowError(
+                    f"the temporary Prefect API exited at start (code {server.returncode}): "
+                    f"{err[0] if err else 'no output'}"
+                )
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise DistilflowError(
+                    f"the temporary Prefect API did not start within {timeout_s:.0f} s; "
+                    "start one with `make prefect-server` and set PREFECT_API_URL"
+                )
+            time.sleep(0.1)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        _flush_logs()
+        server.terminate()
+        try:
+            server.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -190,6 +190,12 @@ def _training(sec: dict) -> list[str]:
         "ratio: the whole fit() call (validation, best weights, history included) against the bare loop "
         "that also runs the same per-epoch validation forward pass."
     )
+    if sec.get("ddp"):
+        d = sec["ddp"]
+        lines.append(
+            f"\nData-parallel (`train.devices: 2`, {d['note']}): per-epoch samples/s {rng(d['epoch_ratio'])}× of one "
+            f"process; wall time including process start and rendezvous {rng(d['wall_ratio'])}×."
+        )
     lines.append(f"\nCUDA: {sec['cuda']}.")
     return lines
 

@@ -75,7 +75,10 @@ class Group:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+        # gradients as views of DDP's buckets: no copy per step (and no stride-mismatch warnings for conv grads)
+        return DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=False, gradient_as_bucket_view=True
+        )
 
     def reduce_epoch(self, seen: int, correct: int, n_labelled: int, sums: dict[str, float]):
         """The epoch's counters summed over every rank (so every rank logs the same history)."""

@@ -97,11 +97,11 @@ def decay_groups(named: list[tuple[list[nn.Parameter], float, str]], weight_deca
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> Objective:
-    """The supervised objective: cross-entropy on labelled rows (label −1 rows contribute nothing)."""
+    """The supervised objective: cross-entropy over the batch (every row labelled; KD's objective handles −1)."""
 
     def objective(model: nn.Module, batch: Batch):
         logits = model(batch["x"])
-        return masked_cross_entropy(logits, batch["y"], label_smoothing), logits, {}
+        return F.cross_entropy(logits.float(), batch["y"], label_smoothing=label_smoothing), logits, {}
 
     return objective
 
@@ -113,6 +113,18 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoot
         logits.float(), labels, ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing
     )
     return total / n_labelled
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> None:
+    """`clip_grad_norm_`, minus its rescaling pass when the norm is already within `max_norm`.
+
+    The same result (it would multiply by 1.0), one read of every gradient
+    fewer: on an 11M-parameter ResNet that pass cost about 5% of a step.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = nn.utils.get_total_norm(grads, foreach=True)
+    if total > max_norm:
+        nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
 
 
 # ---------------------------------------------------------------------------- checkpoints and progress
@@ -208,13 +220,15 @@ def train(
     steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
     if groups is None:
         groups = decay_groups([(list(model.parameters()), cfg.lr, "all")], cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    # fused: one kernel per step for all parameters (CPU and CUDA), instead of a few per tensor
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
     )
     use_amp = device.type == "cuda"
     clip = [p for g in groups for p in g["params"]]
 
+    has_unlabelled = bool((tensors["y"] == IGNORE).any())
     result = FitResult(model=model, labelled_rows=int((tensors["y"] != IGNORE).sum()))
     best_state = copy.deepcopy(model.state_dict())
     start, bad_epochs = 0, 0
@@ -241,11 +255,15 @@ def train(
             model.train()
             row = {"epoch": epoch, **(before_epoch(model, epoch) if before_epoch else {})}
             wrapped = ddp.wrap(model) if ddp else model  # after before_epoch: DDP hooks the params that train now
-            t0, seen, n_labelled, correct = time.perf_counter(), 0, 0, 0
-            sums: dict[str, float] = {"loss": 0.0}
+            t0, seen = time.perf_counter(), 0
+            # running sums stay tensors: no host sync per step, one .item() per epoch
+            sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=device)}
+            correct = torch.zeros((), dtype=torch.long, device=device)
             order = torch.randperm(n_rows, generator=shuffle)
             if ddp:
                 order = ddp.shard(order, cfg.batch_size)
+            n_labelled = int((tensors["y"][order] != IGNORE).sum()) if has_unlabelled else len(order)
+            trainable = [p for p in clip if p.requires_grad]
             with progress(steps_per_epoch, f"{desc} {epoch + 1}/{cfg.epochs}") as bar:
                 for i in range(0, len(order), local_batch):
                     idx = order[i : i + local_batch]
@@ -257,21 +275,19 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(
-                            [p for p in clip if p.grad is not None], cfg.grad_clip, foreach=True
-                        )  # one fused kernel, not one per tensor
+                        clip_gradients(trainable, cfg.grad_clip)
                     optimizer.step()
                     scheduler.step()
                     rows = len(idx)
                     seen += rows
-                    sums["loss"] += loss.item() * rows
+                    sums["loss"] += loss.detach() * rows
                     for name, term in parts.items():
-                        sums[name] = sums.get(name, 0.0) + float(term) * rows
-                    labelled = batch["y"] != IGNORE
-                    correct += (logits.argmax(1)[labelled] == batch["y"][labelled]).sum().item()
-                    n_labelled += labelled.sum().item()
+                        sums[name] = sums.get(name, 0.0) + term * rows
+                    correct += (logits.argmax(1) == batch["y"]).sum()  # an unlabelled row (-1) never matches
                     bar.update(1)
             elapsed = time.perf_counter() - t0
+            sums = {k: float(v) for k, v in sums.items()}
+            correct = int(correct)
             if ddp:
                 seen, correct, n_labelled, sums = ddp.reduce_epoch(seen, correct, n_labelled, sums)
             row |= {

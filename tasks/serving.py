@@ -37,8 +37,15 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         self.pre = read_json(context.artifacts["preprocessor"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Raw rows → `prediction` and `prob_<class>` columns."""
-        X = np.ascontiguousarray(apply_normalizer(self.pre, model_input))
+        """Raw rows → `prediction` and `prob_<class>` columns (bad input: an MLflow error, HTTP 400 when served)."""
+        from mlflow.exceptions import MlflowException
+
+        from distilflow.errors import DistilflowError
+
+        try:
+            X = np.ascontiguousarray(apply_normalizer(self.pre, model_input))
+        except DistilflowError as exc:
+            raise MlflowException(str(exc), error_code="INVALID_PARAMETER_VALUE") from None
         probs = _softmax(self.logits(X)) if len(X) else np.zeros((0, len(self.pre["classes"])), dtype=np.float32)
         classes = self.pre["classes"]
         out = pd.DataFrame({"prediction": np.asarray(classes)[probs.argmax(1)]})

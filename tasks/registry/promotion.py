@@ -75,6 +75,18 @@ def check_gates(challenger: dict, champion: dict | None, gates: GateParams) -> l
             f"batch-1 latency {lat:.3f} ms {'≤' if lat <= gates.max_latency_ms else '>'} {gates.max_latency_ms} ms",
         )
     )
+    if gates.max_served_latency_ms is not None:
+        served = challenger.get("served_latency_b1_ms", float("inf"))
+        ok = served <= gates.max_served_latency_ms
+        out.append(
+            Gate(
+                "max_served_latency_ms",
+                served,
+                gates.max_served_latency_ms,
+                ok,
+                f"pyfunc.predict of one row {served:.3f} ms {'≤' if ok else '>'} {gates.max_served_latency_ms} ms",
+            )
+        )
     out.append(
         Gate(
             "max_size_kb",
@@ -101,6 +113,7 @@ def _record(version) -> dict:
         "data_md5": t.get("data_md5"),
         "split_hash": t.get("split_hash.test"),
         "latency_b1_ms": float(t.get("latency_b1_ms", "inf")),
+        "served_latency_b1_ms": float(t.get("served_latency_b1_ms", "inf")),
         "size_bytes": float(t.get("size_bytes", "inf")),
     }
 

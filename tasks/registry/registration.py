@@ -16,7 +16,7 @@ from distilflow.errors import DistilflowError
 from distilflow.hashing import path_hash
 from tasks.registry import CHALLENGER
 from tasks.registry.card import card_description
-from tasks.registry.packaging import headline, save_served_model
+from tasks.registry.packaging import headline, save_served_model, served_latency
 
 
 class UnknownModel(DistilflowError):
@@ -134,6 +134,9 @@ def register_variants(
                 }
                 if v is product:
                     version_tags["model_hash"] = model_hash
+                    served = served_latency(local, input_example)
+                    version_tags["served_latency_b1_ms"] = f"{served['median_ms']:.4f}"
+                    product.metrics = {**product.metrics, "served_latency_b1_median_ms": served["median_ms"]}
                 # a runs:/ source: loading models:/... then never writes into the artifact store (MLflow copies first)
                 mv = client.create_model_version(
                     v.model_name,

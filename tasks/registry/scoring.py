@@ -10,14 +10,7 @@ from distilflow.errors import DistilflowError
 
 
 def conform_to_schema(model, frame: pd.DataFrame, what: str) -> pd.DataFrame:
-    """The model's input columns, cast to its signature's types where no value changes (5.0 → 5, 5 → 5.0).
-
-    MLflow refuses int ↔ float conversions at serving time; raw data read by
-    different tools lands on either side, so exact casts are made here and
-    anything lossy is one clear error naming the column.
-    """
-    import numpy as np
-
+    """The model's input columns, each numeric (int or float, NaN allowed), or one clear error naming the column."""
     schema = model.metadata.get_input_schema()
     names = schema.input_names()
     missing = [c for c in names if c not in frame.columns]
@@ -27,21 +20,14 @@ def conform_to_schema(model, frame: pd.DataFrame, what: str) -> pd.DataFrame:
             f"{' ...' if len(missing) > 5 else ''} ({len(names)} expected)"
         )
     out = frame[names].copy()
-    for name, dtype in zip(names, schema.numpy_types()):
-        col = out[name]
-        if col.dtype == dtype:
+    for name in names:
+        if pd.api.types.is_numeric_dtype(out[name]) and not pd.api.types.is_bool_dtype(out[name]):
             continue
-        try:
-            cast = col.astype(dtype)
-            exact = np.array_equal(cast.to_numpy(dtype=np.float64), col.to_numpy(dtype=np.float64), equal_nan=True)
-        except (TypeError, ValueError):
-            exact = False
-        if not exact:
-            raise DistilflowError(
-                f"{what}: column {name!r} ({col.dtype}) cannot be given to the model as {dtype} "
-                "without changing values (missing or non-integer values where the model takes integers?)"
-            )
-        out[name] = cast
+        converted = pd.to_numeric(out[name], errors="coerce")
+        bad = out[name][converted.isna() & out[name].notna()]
+        if len(bad):
+            raise DistilflowError(f"{what}: column {name!r} holds non-numeric values (e.g. {bad.iloc[0]!r})")
+        out[name] = converted
     return out
 
 

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-slow test-all lint data repro push pull promote ui prefect-server worker serve bench
+.PHONY: install run test test-slow test-all lint data serve-model repro push pull promote ui prefect-server worker serve bench
 
 install: $(STAMP)
 
@@ -57,10 +57,15 @@ bench: install
 promote: install
 	$(PY) -m distilflow promote $(ARGS)
 
-# The MLflow UI on loopback, over the embedded store: http://127.0.0.1:5000
+# The MLflow UI on loopback, over the embedded store, opened in its model-training view
 ui: install
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# The champion over HTTP on loopback: POST raw rows to http://127.0.0.1:5001/invocations
+serve-model: install
+	$(PY) -m distilflow serve-model $(ARGS)
 
 # Scheduled runs: a local Prefect server (UI at http://127.0.0.1:4200), then in another terminal `make worker`
 prefect-server: install

@@ -156,6 +156,17 @@ def _parser() -> argparse.ArgumentParser:
         ),
         None,
     )
+    serve_model = with_params(
+        command(
+            "serve-model",
+            "serve a registered model over HTTP (mlflow models serve)",
+            "POST raw rows to http://HOST:PORT/invocations ({'dataframe_split': ...}); no venv activation needed.",
+        ),
+        None,
+    )
+    serve_model.add_argument("--model-uri", help="default: models:/<registered model>@champion")
+    serve_model.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve_model.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
     with_params(
         command(
             "deploy",
@@ -211,6 +222,8 @@ def _run(args) -> int:
         return _score(args, params, root, uri)
     if args.command == "audit":
         return _audit(args, params, root, uri)
+    if args.command == "serve-model":
+        return _serve_model(args, params, root, uri)
     if args.command == "deploy":
         from flows.deployments import deploy_for_worker
 
@@ -261,8 +274,11 @@ def _with_prefect(args, params, root: Path, uri: str) -> int:
     summary = pipeline(
         params=params, root=str(root), tracking_uri=uri, stop_after=args.stop_after, overrides=args.overrides
     )
-    uptodate.record_run(root, uptodate.fingerprint(params, root, uri, args.stop_after), summary["run_id"])
+    from cli.dvc_sync import record_run_in_dvc
+
     _print_summary(summary, root, uri)
+    print(record_run_in_dvc(params, root, args.overrides, args.stop_after))
+    uptodate.record_run(root, uptodate.fingerprint(params, root, uri, args.stop_after), summary["run_id"])
     return 0
 
 
@@ -281,6 +297,37 @@ def _score(args, params, root: Path, uri: str) -> int:
     result = score_csv(tracker, model_uri, layout.resolve(args.input), layout.resolve(args.out))
     print(f"scored {result['rows']} rows with {model_uri} → {result['output']}")
     return 0
+
+
+def _serve_model(args, params, root: Path, uri: str) -> int:
+    """`mlflow models serve` with this environment's bin/ on PATH (it runs `uvicorn` from there) and our store."""
+    import subprocess
+
+    from distilflow.redact import redact
+    from tasks.registry import CHAMPION
+
+    model_uri = args.model_uri or f"models:/{params.registered_model()}@{CHAMPION}"
+    from distilflow.tracking import Tracker
+
+    if Tracker(uri, root).model_version(model_uri) is None:
+        raise DistilflowError(f"{model_uri}: no such registered model version in {redact(uri)} (promote one first)")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri}
+    print(f"serving {model_uri} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)", flush=True)
+    command = [
+        str(bin_dir / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    return subprocess.run(command, env=env, cwd=root).returncode
 
 
 def _audit(args, params, root: Path, uri: str) -> int:
@@ -341,24 +388,28 @@ def _dvc_yaml(params, root: Path, check: bool) -> int:
     return 0
 
 
-def _interrupt_on_sigterm() -> None:
-    """A scheduler's SIGTERM unwinds like Ctrl-C, so MLflow runs are closed as KILLED."""
+def _interrupt_quietly() -> None:
+    """Ctrl-C (and a scheduler's SIGTERM) unwind as KeyboardInterrupt, so MLflow runs close as KILLED and
+    Prefect records the runs as crashed; what follows is said in one line ("distilflow: interrupted"),
+    not in Prefect's crash reports."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
 
         def handler(signum, frame):
+            logging.getLogger("prefect").setLevel(logging.CRITICAL)
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn errors into one line and an exit code."""
     args = _parser().parse_args(argv)
     _quiet_environment()
-    _interrupt_on_sigterm()
+    _interrupt_quietly()
     try:
         if args.command == "demo-data":
             from tasks.data import export_digits

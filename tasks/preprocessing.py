@@ -23,8 +23,15 @@ def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
         raise DistilflowError(f"input is missing feature columns: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     try:
         X = features[pre["feature_columns"]].to_numpy(dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise DistilflowError(f"input feature columns must be numeric: {exc}") from None
+    except (TypeError, ValueError):
+        for column in pre["feature_columns"]:
+            values = pd.to_numeric(features[column], errors="coerce")
+            bad = features[column][values.isna() & features[column].notna()]
+            if len(bad):
+                raise DistilflowError(
+                    f"input column {column!r} holds non-numeric values (e.g. {bad.iloc[0]!r})"
+                ) from None
+        raise
     impute = np.asarray(pre["impute"])
     X = np.where(np.isfinite(X), X, impute)
     return ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)

@@ -45,7 +45,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         try:
             X = np.ascontiguousarray(apply_normalizer(self.pre, model_input))
         except DistilflowError as exc:
-            raise MlflowException(str(exc), error_code="INVALID_PARAMETER_VALUE") from None
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         probs = _softmax(self.logits(X)) if len(X) else np.zeros((0, len(self.pre["classes"])), dtype=np.float32)
         classes = self.pre["classes"]
         out = pd.DataFrame({"prediction": np.asarray(classes)[probs.argmax(1)]})

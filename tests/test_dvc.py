@@ -28,6 +28,7 @@ TRACKED = [
 
 
 def sh(cwd: Path, *cmd: str) -> str:
+    """Run a command in `cwd` with this venv first on PATH; its output, or a failed assertion."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -133,3 +134,33 @@ def test_push_and_pull_through_the_default_local_remote(dvc_repo):
     (dvc_repo / "data/raw/digits.csv").unlink()
     sh(dvc_repo, "dvc", "pull")
     assert (dvc_repo / "data/split/test.parquet").exists() and (dvc_repo / "data/raw/digits.csv").exists()
+
+
+@pytest.mark.slow
+def test_exp_run_with_an_override_reruns_exactly_the_affected_stages_and_records_metrics(dvc_repo, tmp_path):
+    from distilflow.params import load_params
+
+    sh(dvc_repo, "dvc", "repro")
+    sh(dvc_repo, "git", "add", "-A")
+    sh(dvc_repo, "git", "commit", "-qm", "repro")
+    out = sh(dvc_repo, "dvc", "exp", "run", "-S", "distill.temperature=2")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"distill", "quantize", "evaluate"}, out
+    assert load_params(dvc_repo / "params.yaml").distill.temperature == 2  # DVC's rewrite still parses
+
+    shown = sh(dvc_repo, "dvc", "exp", "show", "--md", "--no-pager")
+    assert "distill.temperature" in shown and "student_int8.accuracy" in shown and "test.accuracy" in shown
+    metrics = sh(dvc_repo, "dvc", "metrics", "show", "--md")
+    for name in ("reports/metrics.json", "reports/teacher.json", "reports/student.json", "reports/quantize.json"):
+        assert name in metrics
+    sh(dvc_repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "teacher_history.csv" in html and "pareto.png" in html
+
+
+@pytest.mark.slow
+def test_dvc_repro_right_after_a_distilflow_run_has_nothing_to_do(dvc_repo):
+    env_run = sh(dvc_repo, sys.executable, "-m", "distilflow", "run")
+    assert "dvc.lock: updated" in env_run
+    again = sh(dvc_repo, "dvc", "repro")
+    assert "Running stage" not in again and "Data and pipelines are up to date" in again

@@ -13,7 +13,7 @@ from distilflow.layout import Layout
 from distilflow.params import load_params
 from distilflow.tracking import default_tracking_uri
 from flows.pipeline import pipeline
-from tests.conftest import REPO, edit_params
+from tests.conftest import QUICK, REPO, edit_params
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "clean", "split", "normalize"]
@@ -260,3 +260,46 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     _, data = load_splits(layout.train, layout.val, layout.test, layout.preprocessor)
     row = evaluate_variant("student int8 (fx)", layout.student_int8, *data["test"], threads=1, repeats=3)
     assert row["accuracy"] > 0.5
+
+
+def _task_runs(flow_run_id: str) -> dict:
+    """The flow run's task runs as the Prefect UI draws them: name -> names of the tasks it waited for."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_id = {str(r.id): r.name for r in runs}
+    assert len(by_id) == len(runs)
+    edges = {}
+    for r in runs:
+        assert r.name not in edges, f"{r.name} ran twice"
+        upstream = [i for inputs in r.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"]
+        edges[r.name] = sorted(by_id[str(i.id)] for i in upstream)
+    return edges
+
+
+def test_the_prefect_graph_has_one_task_run_per_stage_named_after_it_with_the_dags_edges(prefect_api, project):
+    for section, values in QUICK.items():
+        edit_params(project, **{section: values})
+    params = load_params(project / "params.yaml")
+    summary = pipeline(params=params, root=str(project), tracking_uri=default_tracking_uri(project))
+    parent = MlflowClient(default_tracking_uri(project)).get_run(summary["run_id"])
+    edges = _task_runs(parent.data.tags["prefect.flow_run_id"])
+    assert edges == {
+        "ingest": [], "clean": ["ingest"], "split": ["clean"], "normalize": ["split"], "backbone": [],
+        "finetune": ["backbone", "normalize", "split"], "distill": ["finetune", "normalize", "split"],
+        "quantize": ["distill", "finetune", "normalize", "split"],
+        "evaluate": ["distill", "finetune", "normalize", "quantize", "split"],
+    }
+
+    from flows.registry import promote
+    from prefect.client.orchestration import get_client
+
+    result = promote(params=params, root=str(project), tracking_uri=default_tracking_uri(project), actor="review")
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+        promotion = [a for a in artifact if a.key == "promotion-distilflow-digits"]
+    assert len(promotion) == 1 and promotion[0].type == "markdown"
+    assert f"v{result['version']}: {result['decision']}" in promotion[0].data
+    assert "| min_accuracy |" in promotion[0].data and "| max_size_kb |" in promotion[0].data

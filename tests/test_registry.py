@@ -413,9 +413,13 @@ def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_pat
     raw.drop(columns=["px5"]).to_csv(tmp_path / "missing.csv", index=False)
     with pytest.raises(DistilflowError, match=r"missing the model's input columns: \['px5'\]"):
         scoring.score_csv(tracker, uri, tmp_path / "missing.csv", tmp_path / "out2.csv")
-    raw.assign(px3=raw["px3"] + 0.5).to_csv(tmp_path / "fractional.csv", index=False)
-    with pytest.raises(DistilflowError, match="column 'px3'"):
-        scoring.score_csv(tracker, uri, tmp_path / "fractional.csv", tmp_path / "out2.csv")
+    # what the card promises: missing values are imputed, fractional ones are taken as they are
+    raw.assign(px3=raw["px3"] + 0.5, px4=np.nan).to_csv(tmp_path / "float.csv", index=False)
+    assert scoring.score_csv(tracker, uri, tmp_path / "float.csv", tmp_path / "float_out.csv")["rows"] == 50
+    assert pd.read_csv(tmp_path / "float_out.csv")["prediction"].notna().all()
+    raw.assign(px3="dark").to_csv(tmp_path / "text.csv", index=False)
+    with pytest.raises(DistilflowError, match="column 'px3' holds non-numeric values"):
+        scoring.score_csv(tracker, uri, tmp_path / "text.csv", tmp_path / "out2.csv")
     with pytest.raises(DistilflowError, match="not found"):
         scoring.score_csv(tracker, uri, tmp_path / "nope.csv", tmp_path / "out2.csv")
     assert not (tmp_path / "out2.csv").exists()

@@ -199,6 +199,16 @@ def _print_summary(summary: dict, root: Path, uri: str) -> None:
         )
     if summary.get("compression"):
         print(f"compression report: {root / 'reports/compression.md'}")
+    if summary.get("selection"):
+        sel = summary["selection"]
+        print(f"selection ({sel['policy']}):")
+        for v in sel["verdicts"]:
+            mark = "→" if sel["pick"] and v["variant"] == sel["pick"]["variant"] else " "
+            print(
+                f"  {mark} {v['variant']:<26} val {v['val_accuracy']:.4f}  b1 {v['latency_b1_ms']:.3f} ms  "
+                f"{v['size_bytes'] / 1024:6.1f} KB  {'ok' if v['feasible'] else 'out: ' + v['why']}"
+            )
+        print(f"product: {sel['reason']}")
     if summary.get("registered"):
         reg = summary["registered"]
         state = "unchanged since the last run" if reg["unchanged"] else "@challenger"

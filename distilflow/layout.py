@@ -38,9 +38,10 @@ PATHS: dict[str, str] = {
     "student_confusion": "reports/student_confusion_test.png",
     "student_pruned": "artifacts/student_pruned",
     "prune_report": "reports/prune.json",
-    "student_int8": "artifacts/student_int8",
+    "candidates": "artifacts/candidates",
     "teacher_int8": "artifacts/teacher_int8",
     "quantize_report": "reports/quantize.json",
+    "selection": "reports/selection.json",
     # evaluation and registration
     "compression_report": "reports/compression.md",
     "compression_json": "reports/compression.json",

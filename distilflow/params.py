@@ -189,7 +189,7 @@ class DistillParams(Section):
     alpha: float = Field(default=0.5, ge=0, le=1)
     hint_weight: float = Field(default=0.0, ge=0)
     student: Literal["compact", "teacher_blocks"] = "compact"
-    student_width: int = Field(default=8, ge=1)
+    student_width: int = Field(default=16, ge=1)
     student_depth: int = Field(default=3, ge=1)
     epochs: int = Field(default=15, ge=1)
     lr: float = Field(default=3e-3, gt=0)
@@ -248,6 +248,24 @@ class EvaluateParams(Section):
 
     threads: int = Field(default=2, ge=1)
     repeats: int = Field(default=30, ge=3)
+
+
+class SelectParams(Section):
+    """How the product is chosen among the run's candidates, on the validation split (tasks/candidates.py).
+
+    max_drop: the constraint, validation accuracy ≥ the teacher's − max_drop.
+    objective: then the lowest batch-1 latency, batch-256 latency or size.
+    min_macro_f1_margin: validation macro-F1 must beat the majority-class
+    predictor's by this much, so a model that mostly predicts one class is
+    never shipped however accurate it looks.
+    """
+
+    max_drop: float = Field(default=0.01, ge=0, le=1)
+    objective: Literal["latency_b1", "latency_b256", "size"] = "latency_b1"
+    # objective values within this share of the best count as a tie (latency medians move a few percent from run
+    # to run): among tied candidates the more accurate on validation ships, then the smaller
+    tie_tolerance: float = Field(default=0.05, ge=0, lt=1)
+    min_macro_f1_margin: float = Field(default=0.1, ge=0, le=1)
 
 
 class TrackingParams(Section):
@@ -326,6 +344,7 @@ class Params(Section):
     prune: PruneParams = PruneParams()
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    select: SelectParams = SelectParams()
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()

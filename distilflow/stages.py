@@ -175,12 +175,14 @@ STAGES: tuple[Stage, ...] = (
         "tasks/quantize.py",
         deps={
             **SPLIT_INPUTS,
-            "source": lambda p: "student_pruned" if p.prune.enabled else "student",
+            "student": "student",
+            "student_nokd": "student_nokd",
+            "student_pruned": _if("prune.enabled", "student_pruned"),
             "teacher": "teacher",
         },
-        outs={"student_int8": "student_int8", "teacher_int8": "teacher_int8", "quantize_report": "quantize_report"},
+        outs={"candidates": "candidates", "teacher_int8": "teacher_int8", "quantize_report": "quantize_report"},
         params={"cfg": "quantize", "seed": "seed", "threads": "evaluate.threads"},
-        when="quantize.enabled",
+        when="distill.enabled",
         metrics=("quantize_report",),
     ),
     Stage(
@@ -192,10 +194,10 @@ STAGES: tuple[Stage, ...] = (
             "student": "student",
             "student_nokd": "student_nokd",
             "student_pruned": _if("prune.enabled", "student_pruned"),
-            "student_int8": _if("quantize.enabled", "student_int8"),
+            "candidates": "candidates",
             "teacher_int8": _if("quantize.enabled", "teacher_int8"),
             "prune_report": _if("prune.enabled", "prune_report"),
-            "quantize_report": _if("quantize.enabled", "quantize_report"),
+            "quantize_report": "quantize_report",
         },
         outs={
             "compression_report": "compression_report",
@@ -207,6 +209,19 @@ STAGES: tuple[Stage, ...] = (
         when="distill.enabled",
         metrics=("metrics",),
         plots=("pareto",),
+    ),
+    Stage(
+        "select",
+        "tasks/select.py",
+        deps={
+            "compression_json": "compression_json",
+            "teacher_metrics": "teacher_metrics",
+            "split_report": "split_report",
+        },
+        outs={"selection": "selection"},
+        params={"cfg": "select"},
+        when="distill.enabled",
+        metrics=("selection",),
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -67,9 +67,16 @@ def pipeline(
             }
         )
         summary = summarize(parent, results, stages)
-        if "evaluate" in results and params.registry.enabled:
+        refused = "select" in results and results["select"].info["pick"] is None
+        if refused:
+            parent.set_tags({"registration": "refused", "selection.reason": results["select"].info["reason"][:4000]})
+        elif "select" in results and params.registry.enabled:
             summary["registered"] = register(params, layout, tracker, parent, lineage)
             stages["register"] = "unchanged" if summary["registered"]["unchanged"] else "ran"
+    if refused:  # every output is written and the runs are closed: say, in one line, why nothing ships
+        from tasks.register import NotRegistered
+
+        raise NotRegistered(f"nothing registered: {results['select'].info['reason']}")
     return summary
 
 
@@ -106,4 +113,9 @@ def summarize(parent, results: dict, stages: dict) -> dict:
             parent.log_artifact(path)
         summary["compression"] = results["evaluate"].info["table"]
         summary["notes"] = results["evaluate"].info["notes"]
+    if "select" in results:
+        summary["selection"] = results["select"].info
+        parent.log_metrics({k: v for k, v in results["select"].metrics.items()})
+        parent.set_tags(results["select"].tags)
+        parent.log_text(results["select"].texts["selection.md"], "selection.md")
     return summary

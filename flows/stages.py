@@ -24,7 +24,7 @@ from distilflow.params import Params
 from distilflow.records import StageResult
 from distilflow.stages import BY_NAME, PRETRAIN, Stage
 from flows import backbone
-from tasks import data, distill, evaluate, finetune, prune, quantize, transfer
+from tasks import data, distill, evaluate, finetune, prune, quantize, select, transfer
 from tasks import pretrain as pretrain_stage
 
 FUNCTIONS: dict[str, Callable[..., StageResult]] = {
@@ -39,6 +39,7 @@ FUNCTIONS: dict[str, Callable[..., StageResult]] = {
     "prune": prune.prune_stage,
     "quantize": quantize.quantize_stage,
     "evaluate": evaluate.evaluate_stage,
+    "select": select.select_stage,
     "pretrain": pretrain_stage.pretrain_stage,
 }
 RUNTIME = {"backbone": ("tracker", "root")}  # objects a stage needs that are not files or params (never in a key)

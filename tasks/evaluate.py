@@ -25,6 +25,7 @@ from distilflow.errors import DistilflowError
 from distilflow.io import write_json, write_text
 from distilflow.records import StageResult
 from tasks.backbones import WEIGHTS, load_classifier
+from tasks.candidates import candidate_name
 from tasks.dataset import load_splits
 from tasks.engine import torch_threads
 from tasks.inference import TorchPredictor, int8_file, load_predictor
@@ -96,8 +97,13 @@ def evaluate_variant(
     threads: int = 2,
     repeats: int = 30,
     latency_batches: tuple[int, ...] = LATENCY_BATCHES,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
-    """One row of the compression table for one variant (torch variants run at `threads`; ONNX sessions take it too)."""
+    """One row of the compression table for one variant (torch variants run at `threads`; ONNX sessions take it too).
+
+    With `val`, the row also holds validation accuracy and macro-F1: what the
+    product is chosen on (the test figures are only reported).
+    """
     with torch_threads(threads):
         predict, size, n_params = load_variant(variant, threads)
         X_test = np.ascontiguousarray(X_test, dtype=np.float32)
@@ -116,6 +122,10 @@ def evaluate_variant(
             "threads": threads,
             "test_rows": int(len(y_test)),
         }
+        if val is not None:
+            X_val, y_val = np.ascontiguousarray(val[0], dtype=np.float32), np.asarray(val[1])
+            val_scores = classification_metrics(y_val, predict(X_val).argmax(1), classes=labels, labels=labels)
+            row |= {"val_accuracy": val_scores["accuracy"], "val_macro_f1": val_scores["macro_f1"]}
         for bs in latency_batches:
             lat = measure_latency(predict, X_test, bs, repeats=repeats)
             row.update({f"latency_b{bs}_{k}": v for k, v in lat.items()})
@@ -138,11 +148,13 @@ def compare_variants(
     y_test: np.ndarray,
     threads: int = 2,
     repeats: int = 30,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The compression table: one row per variant, same test split, same threads, same timing protocol."""
     if not variants:
         raise DistilflowError("compare_variants: no model variants to compare")
-    table = pd.DataFrame([evaluate_variant(name, v, X_test, y_test, threads, repeats) for name, v in variants.items()])
+    rows = [evaluate_variant(name, v, X_test, y_test, threads, repeats, val=val) for name, v in variants.items()]
+    table = pd.DataFrame(rows)
     table["pareto"] = pareto_front(table)
     return table
 
@@ -222,10 +234,10 @@ def evaluate_stage(
     student: Path,
     student_nokd: Path,
     student_pruned: Path | None,
-    student_int8: Path | None,
+    candidates: Path,
     teacher_int8: Path | None,
     prune_report: Path | None,
-    quantize_report: Path | None,
+    quantize_report: Path,
     compression_report: Path,
     compression_json: Path,
     pareto: Path,
@@ -233,7 +245,8 @@ def evaluate_stage(
     threads: int,
     repeats: int,
 ) -> StageResult:
-    """Every variant on the frozen test split with one harness: the compression report, its JSON, the Pareto plot."""
+    """Every variant and every product candidate with one harness: test metrics (reported), validation metrics
+    (what the select stage chooses on), size and latency; the compression report, its JSON and the Pareto plot."""
     pre, data = load_splits(train, val, test, preprocessor)
     X_test, y_test = data["test"]
     n = len(pre["classes"])
@@ -244,10 +257,16 @@ def evaluate_stage(
         "student pruned fp32": student_pruned,
     }
     variants = {name: load_classifier(path, n)[0] for name, path in folders.items() if path is not None}
-    for name, folder in (("student int8", student_int8), ("teacher int8", teacher_int8)):
-        if folder is not None and int8_file(folder) is not None:
-            variants[name] = folder
-    table = compare_variants(variants, X_test, y_test, threads=threads, repeats=repeats)
+    found = {}
+    for folder in sorted(Path(candidates).iterdir()):
+        if int8_file(folder) is not None:
+            student_name, _, runtime = folder.name.partition(".")
+            found[candidate_name(student_name, runtime)] = folder.name
+            variants[candidate_name(student_name, runtime)] = folder
+    if teacher_int8 is not None and int8_file(teacher_int8) is not None:
+        variants["teacher int8"] = teacher_int8
+    table = compare_variants(variants, X_test, y_test, threads=threads, repeats=repeats, val=data["val"])
+    table["candidate"] = [found.get(v, "") for v in table["variant"]]  # "": a reference, not a candidate
     notes = compression_notes(prune_report, quantize_report)
     md = compression_markdown(table)
     if notes:
@@ -260,6 +279,7 @@ def evaluate_stage(
         key = _slug(row["variant"])
         numbers |= {
             f"{key}.accuracy": row["accuracy"],
+            f"{key}.val_accuracy": row["val_accuracy"],
             f"{key}.size_bytes": row["file_bytes"],
             f"{key}.latency_b1_ms": row["latency_b1_median_ms"],
             f"{key}.latency_b256_ms": row["latency_b256_median_ms"],

@@ -553,46 +553,44 @@ def quantize_int8(
 RECORD_FILE = "quantization.json"  # the quantization config and its record, beside the model (as optimum does)
 
 
-def _quantize_into(
-    folder: Path,
-    model: nn.Module,
-    Xtr,
-    ytr,
-    Xva,
-    yva,
-    cfg: QuantizeParams,
-    seed: int,
-    threads: int,
-    work: Path,
-    required: bool,
+def export_ort_fp32(model: nn.Module, X_example: np.ndarray, out: Path) -> Path:
+    """The model as an optimised fp32 ONNX file (exported, then ORT's graph optimisation: BatchNorm folded)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_onnx(model, X_example, Path(tmp) / "exported.onnx")
+        with quiet_output():
+            quant_pre_process(str(exported), str(out))
+    return out
+
+
+def _int8_into(
+    folder: Path, model: nn.Module, Xtr, ytr, Xva, yva, cfg: QuantizeParams, seed: int, threads: int, work: Path
 ) -> dict:
-    """int8 of `model` into `folder` (model + record), replacing it whole; a failure leaves only the record."""
+    """int8 of `model` into `folder` (model + record); over budget, the folder holds only the record."""
     suffix = BACKENDS[cfg.backend].suffix
-    with atomic_dir(folder) as tmp:
-        try:
-            _, record = quantize_int8(
-                model,
-                Xtr,
-                Xva,
-                yva,
-                cfg,
-                work,
-                out_path=tmp / f"{MODEL_FILE}{suffix}",
-                X_train=Xtr,
-                y_train=ytr,
-                seed=seed,
-                threads=threads,
-            )
-        except DistilflowError as exc:
-            if required:
-                raise
-            record = {"error": str(exc)}
-        record = {**record, "path": str(folder / f"{MODEL_FILE}{suffix}") if "error" not in record else None}
-        # no timings in the folder: its content (hence every key and hash downstream) depends on the model alone
-        write_json(
-            {"config": cfg.model_dump(mode="json"), **{k: v for k, v in record.items() if k != "seconds"}},
-            tmp / RECORD_FILE,
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _, record = quantize_int8(
+            model,
+            Xtr,
+            Xva,
+            yva,
+            cfg,
+            work,
+            out_path=folder / f"{MODEL_FILE}{suffix}",
+            X_train=Xtr,
+            y_train=ytr,
+            seed=seed,
+            threads=threads,
         )
+    except DistilflowError as exc:
+        record = {"error": str(exc)}
+    # no timings in the folder: its content (hence every key and hash downstream) depends on the model alone
+    write_json(
+        {"config": cfg.model_dump(mode="json"), **{k: v for k, v in record.items() if k != "seconds"}},
+        folder / RECORD_FILE,
+    )
     return record
 
 
@@ -601,65 +599,62 @@ def quantize_stage(
     val: Path,
     test: Path,
     preprocessor: Path,
-    source: Path,
+    student: Path,
+    student_nokd: Path,
+    student_pruned: Path | None,
     teacher: Path,
-    student_int8: Path,
+    candidates: Path,
     teacher_int8: Path,
     quantize_report: Path,
     cfg: QuantizeParams,
     seed: int,
     threads: int,
 ) -> StageResult:
-    """int8 of the student (the product) within budget; int8 of the teacher for reference.
+    """Every student as a product candidate: ONNX Runtime fp32 and (when `quantize.enabled`) int8 within budget.
 
-    The student's record decides the stage: over budget, `quantize_int8` raises
-    and the stage fails. The teacher's int8 is only a row in the comparison
-    table, so its failure is recorded in its folder, not raised.
+    `candidates/<student>.<fp32|int8>/` each hold one runtime of one student
+    (the KD student, its no-KD twin, the pruned student); the select stage
+    chooses among them. A student whose int8 misses the accuracy budget
+    after every remedy simply has no int8 candidate (its record says why).
+    The teacher's int8 is written for reference, for the comparison table.
     """
     pre, data = load_splits(train, val, test, preprocessor)
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
     n = len(pre["classes"])
-    with tempfile.TemporaryDirectory() as work:
-        student = _quantize_into(
-            student_int8,
-            load_classifier(source, n)[0],
-            Xtr,
-            ytr,
-            Xva,
-            yva,
-            cfg,
-            seed,
-            threads,
-            Path(work) / "student",
-            required=True,
-        )
-        teacher_record = _quantize_into(
-            teacher_int8,
-            load_classifier(teacher, n)[0],
-            Xtr,
-            ytr,
-            Xva,
-            yva,
-            cfg,
-            seed,
-            threads,
-            Path(work) / "teacher",
-            required=False,
-        )
-    info = {"student": student, "teacher": teacher_record, "source": str(source)}
+    students = {"student": student, "student_nokd": student_nokd, "student_pruned": student_pruned}
+    records: dict = {}
+    with tempfile.TemporaryDirectory() as work, atomic_dir(candidates) as out:
+        for name, folder in students.items():
+            if folder is None:
+                continue
+            model = load_classifier(folder, n)[0]
+            fp32 = out / f"{name}.fp32"
+            fp32.mkdir()
+            export_ort_fp32(model, Xtr[:2], fp32 / f"{MODEL_FILE}.onnx")
+            records[f"{name}.fp32"] = {"source": str(folder), "runtime": "ORT fp32"}
+            if cfg.enabled:
+                int8 = _int8_into(
+                    out / f"{name}.int8", model, Xtr, ytr, Xva, yva, cfg, seed, threads, Path(work) / name
+                )
+                records[f"{name}.int8"] = {"source": str(folder), "runtime": "int8", **int8}
+        with atomic_dir(teacher_int8) as tmp:
+            teacher_record = (
+                _int8_into(
+                    tmp, load_classifier(teacher, n)[0], Xtr, ytr, Xva, yva, cfg, seed, threads, Path(work) / "teacher"
+                )
+                if cfg.enabled
+                else {"error": "quantize.enabled=false"}
+            )
+    info = {"candidates": records, "teacher": teacher_record, "student": records.get("student.int8", {})}
     write_json(info, quantize_report)
+    kd_int8 = records.get("student.int8", {})
     return StageResult(
-        metrics={f"student.{k}": v for k, v in _headline(student).items()}
+        metrics={f"{name}.{k}": v for name, r in records.items() for k, v in _headline(r).items()}
         | {f"teacher.{k}": v for k, v in _headline(teacher_record).items()},
         params=cfg.model_dump(mode="json"),
-        tags={"quantize.remedy": str(student.get("remedy")), "quantize.reason": str(student.get("reason", ""))[:500]},
-        artifacts=[str(student_int8)],
+        tags={"quantize.remedy": str(kd_int8.get("remedy")), "quantize.reason": str(kd_int8.get("reason", ""))[:500]},
         texts={"quantize_record.json": json.dumps(info, indent=2, default=str)},
-        info={
-            "remedy": student.get("remedy"),
-            "reason": student.get("reason"),
-            "teacher_error": teacher_record.get("error"),
-        },
+        info={"candidates": sorted(records), "teacher_error": teacher_record.get("error")},
     )
 
 

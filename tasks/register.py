@@ -6,6 +6,9 @@ detected by content (tasks/registry/registration.py).
 
 from __future__ import annotations
 
+import json
+
+from distilflow.errors import DistilflowError
 from distilflow.io import read_json, write_text
 from distilflow.tracking import GIT_COMMIT_TAG
 from tasks.registry.card import compression_notes, model_card, recipe
@@ -13,18 +16,19 @@ from tasks.registry.packaging import raw_example
 from tasks.registry.registration import Variant, register_variants
 
 
-def pipeline_variants(params, layout, table: list[dict]) -> list[Variant]:
-    """The product (the end of the compression chain) plus the fp32 teacher and student for reference."""
+class NotRegistered(DistilflowError):
+    """The run built no model worth registering: the selection policy refused every candidate."""
+
+
+def pipeline_variants(params, layout, table: list[dict], selection: dict) -> list[Variant]:
+    """The product (the candidate the select stage picked) plus the fp32 teacher and KD student for reference."""
     rows = {r["variant"]: r for r in table}
     name = params.registered_model()
-    if params.quantize.enabled:
-        product = (layout.student_int8, rows["student int8"])
-    elif params.prune.enabled:
-        product = (layout.student_pruned, rows["student pruned fp32"])
-    else:
-        product = (layout.student, rows["student fp32 (KD)"])
+    pick = selection["pick"]
+    if pick is None:
+        raise NotRegistered(f"nothing registered: {selection['reason']}")
     return [
-        Variant(name, product[0], product[1], "product"),
+        Variant(name, layout.candidates / pick["candidate"], rows[pick["variant"]], "product"),
         Variant(f"{name}-teacher", layout.teacher, rows["teacher fp32"], "reference"),
         Variant(f"{name}-student", layout.student, rows["student fp32 (KD)"], "reference"),
     ]
@@ -37,41 +41,48 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
     product's numbers, so MLflow's "compare versions" view shows them.
     """
     table = read_json(layout.compression_json)
+    selection = read_json(layout.selection)
+    variants = pipeline_variants(params, layout, table, selection)
     notes = compression_notes(
         layout.prune_report if params.prune.enabled else None,
-        layout.quantize_report if params.quantize.enabled else None,
+        layout.quantize_report,
     )
-    quantize_note = next((n for n in notes if n.startswith("student int8")), "not quantized")
+    pick = selection["pick"]
+    quantize_note = next((n for n in notes if n.startswith(pick["candidate"])), "the product is not quantized")
     split = read_json(layout.split_report)
+    pre = read_json(layout.preprocessor)
+    card_lineage = {**lineage, "git_commit": lineage.get(GIT_COMMIT_TAG, "unknown")}
     card = model_card(
         params.registered_model(),
         params,
-        lineage,
+        card_lineage,
         read_json(layout.cleaning_report),
         split,
         table,
-        recipe(params),
+        selection,
         quantize_note,
     )
     write_text(card, layout.model_card)
     run.log_artifact(layout.model_card)
-    pre = read_json(layout.preprocessor)
+    run.log_artifact(layout.selection)
     example = raw_example(layout.resolve(params.data.source), layout.split("test"), pre["feature_columns"])
     tags = {
         **{k: v for k, v in lineage.items() if not k.startswith("mlflow.")},
         "git_commit": lineage.get(GIT_COMMIT_TAG, "unknown"),
         **{f"split_hash.{k}": v for k, v in split["hashes"].items()},
         "parent_run_id": lineage.get("parent_run_id", ""),
-        "compression_recipe": recipe(params),
+        "compression_recipe": recipe(params, pick["candidate"]),
         "dataset": params.data.dataset_name,
+        "classes": json.dumps([str(c) for c in pre["classes"]]),
+        "selection.reason": selection["reason"][:4000],
     }
-    variants = pipeline_variants(params, layout, table)
     product = variants[0].metrics
     run.log_params(params.model_dump(mode="json"))
     run.log_metrics(
         {
             "test.accuracy": product["accuracy"],
             "test.macro_f1": product["macro_f1"],
+            "val.accuracy": product["val_accuracy"],
             "size_bytes": product["file_bytes"],
             "latency_b1_ms": product["latency_b1_median_ms"],
             "latency_b256_ms": product["latency_b256_median_ms"],
@@ -79,4 +90,10 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
     )
     run.set_tags({"product": str(product["variant"]), "mlflow.note.content": card.split("\n## ")[0]})
     registered = register_variants(tracker, run, variants, layout.preprocessor, example, tags, card)
-    return {**registered, "model": params.registered_model(), "card": str(layout.model_card)}
+    return {
+        **registered,
+        "model": params.registered_model(),
+        "card": str(layout.model_card),
+        "product": registered["product"],
+        "variant": product["variant"],
+    }

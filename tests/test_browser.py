@@ -14,8 +14,14 @@ import pytest
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Playwright adds --headless; a fresh profile comes from launch_persistent_context's user_data_dir
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _free_port() -> int:
@@ -30,10 +36,23 @@ def mlflow_ui(trained):
     port = _free_port()
     root = Path(trained["root"])
     mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--default-artifact-root", str(root / "mlartifacts"), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(root / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -57,8 +76,12 @@ def test_the_registered_model_page_shows_its_aliases_and_the_whole_model_card(ml
     version = trained["summary"]["registered"]["version"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True,
-            viewport={"width": 1400, "height": 1000})
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            args=CHROMIUM_FLAGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1000},
+        )
         try:
             page = browser.new_page()
             page.goto(f"{mlflow_ui}/#/models/distilflow-digits?workflowType=machine_learning")
@@ -68,8 +91,13 @@ def test_the_registered_model_page_shows_its_aliases_and_the_whole_model_card(ml
 
             page.goto(f"{mlflow_ui}/#/models/distilflow-digits/versions/{version}?workflowType=machine_learning")
             # the version's description is the whole card, first heading to last, not its first paragraph
-            for heading in ("Data", "Cleaning", "Metrics of every variant (frozen test split)",
-                            "Compression steps", "Intended use and limits"):
+            for heading in (
+                "Data",
+                "Cleaning",
+                "Metrics of every variant (frozen test split)",
+                "Compression steps",
+                "Intended use and limits",
+            ):
                 expect(page.get_by_role("heading", name=heading)).to_be_visible(timeout=60_000)
             expect(page.get_by_text("challenger").first).to_be_visible()
             page.screenshot(path=str(tmp_path / "version.png"), full_page=True)

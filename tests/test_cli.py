@@ -32,7 +32,7 @@ def test_every_command_has_a_description_and_only_relevant_options(name):
 
 def test_top_level_help_lists_every_command_with_a_summary():
     text = _parser().format_help()
-    for name, sub in _subcommands().items():
+    for name in _subcommands():
         assert name in text
     assert "--help" in text and "README.md" in text
 
@@ -47,9 +47,15 @@ def test_ctrl_c_during_training_ends_in_one_line_within_seconds_and_leaves_nothi
     edit_params(project, train={"epochs": 40, "warmup_epochs": 0, "patience": 40})  # still training when interrupted
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env["PREFECT_HOME"] = str(project / ".prefect")
-    proc = subprocess.Popen([sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     for line in proc.stderr:  # Prefect logs its lines to stderr
         lines.append(line)

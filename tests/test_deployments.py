@@ -30,6 +30,17 @@ def test_prefect_yaml_matches_params_yaml():
         assert deps[name]["concurrency_limit"] == 1 and deps[name]["entrypoint"] == ENTRYPOINTS[name]
 
 
+def test_a_worker_deploy_refuses_deployments_that_serve_runs(prefect_api, project):
+    from distilflow.errors import DistilflowError
+    from flows.deployments import deploy_for_worker
+
+    params = load_params(project / "params.yaml")
+    for dep in deployments(params, str(project / "params.yaml")):
+        dep.apply()  # what `distilflow serve` registers: no work pool
+    with pytest.raises(DistilflowError, match="are served by `python -m distilflow serve`"):
+        deploy_for_worker(params, str(project / "params.yaml"))
+
+
 def test_serve_deployments_are_created_with_the_params_schedules(prefect_api, project):
     from prefect.client.orchestration import get_client
 
@@ -95,3 +106,10 @@ def test_prefect_yaml_deploys_and_a_worker_completes_a_triggered_run(prefect_api
         state = client.read_flow_run(run.id).state
     assert state.is_completed(), state
     assert (project / "data/split/test.parquet").is_file() and (project / "mlflow.db").is_file()
+
+    # `serve` does not take over deployments a worker runs (it would run them from the wrong folder)
+    from distilflow.errors import DistilflowError
+    from flows.deployments import serve
+
+    with pytest.raises(DistilflowError, match="already run on a worker"):
+        serve(params, str(project / "params.yaml"))

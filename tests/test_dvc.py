@@ -82,6 +82,7 @@ def test_the_committed_dvc_yaml_is_generated_from_the_stage_declarations():
         "distill",
         "quantize",
         "evaluate",
+        "select",
     ]
     assert stages["split"]["outs"] == [rel(layout.split(s)) for s in ("train", "val", "test")] + [
         rel(layout.split_report)
@@ -104,7 +105,18 @@ def test_raw_data_md5_matches_the_committed_dvc_file(digits_csv):
 @pytest.mark.slow
 def test_repro_twice_then_a_param_change_reruns_only_downstream(dvc_repo):
     first = sh(dvc_repo, "dvc", "repro")
-    for stage in ("ingest", "clean", "split", "normalize", "backbone", "finetune", "distill", "quantize", "evaluate"):
+    for stage in (
+        "ingest",
+        "clean",
+        "split",
+        "normalize",
+        "backbone",
+        "finetune",
+        "distill",
+        "quantize",
+        "evaluate",
+        "select",
+    ):
         assert f"Running stage '{stage}'" in first
     assert Layout(dvc_repo).preprocessor.exists()
 
@@ -145,7 +157,7 @@ def test_exp_run_with_an_override_reruns_exactly_the_affected_stages_and_records
     sh(dvc_repo, "git", "commit", "-qm", "repro")
     out = sh(dvc_repo, "dvc", "exp", "run", "-S", "distill.temperature=2")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"distill", "quantize", "evaluate"}, out
+    assert ran == {"distill", "quantize", "evaluate", "select"}, out
     assert load_params(dvc_repo / "params.yaml").distill.temperature == 2  # DVC's rewrite still parses
 
     shown = sh(dvc_repo, "dvc", "exp", "show", "--md", "--no-pager")

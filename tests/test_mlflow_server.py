@@ -97,6 +97,7 @@ def test_pipeline_and_promotion_through_a_real_mlflow_server(prefect_api, projec
         "distill",
         "quantize",
         "evaluate",
+        "select",
         "register",
     }
     assert {"pareto.png", "compression.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

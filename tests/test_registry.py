@@ -107,12 +107,21 @@ def test_pipeline_registers_product_and_references_with_lineage_card_and_signatu
         assert t.get(key), key
     assert t["parent_run_id"] == summary["run_id"] and t["data_md5"] == run.data.tags["data_md5"]
     assert t["split_hash.test"] == run.data.tags["split_hash.test"] and t["role"] == "product"
-    assert "int8" in t["compression_recipe"] and "KD" in t["compression_recipe"]
-    int8_row = rows(trained)["student int8"]
-    assert float(t["test_accuracy"]) == pytest.approx(int8_row["accuracy"], abs=1e-6)
-    assert int(t["size_bytes"]) == int8_row["file_bytes"]
-    # the version links to the register child run of this pipeline run
+    # the product is the candidate the select stage picked, with its own recipe and figures
+    pick = summary["selection"]["pick"]
+    assert t["variant"] == pick["variant"] and t["selection.reason"].startswith(pick["variant"])
+    runtime = "int8" if pick["candidate"].endswith(".int8") else "ONNX Runtime fp32"
+    assert runtime in t["compression_recipe"] and ("no KD" in t["compression_recipe"]) == ("nokd" in pick["candidate"])
+    row = rows(trained)[pick["variant"]]
+    assert float(t["test_accuracy"]) == pytest.approx(row["accuracy"], abs=1e-6)
+    assert int(t["size_bytes"]) == row["file_bytes"]
+    # the version links to the register child run of this pipeline run, which holds what "compare versions"
+    # shows: the params that produced the model and its numbers
     child = client.get_run(product.run_id)
+    assert child.data.params["distill.temperature"] == str(trained["params"].distill.temperature)
+    assert child.data.metrics["test.accuracy"] == pytest.approx(float(t["test_accuracy"]), abs=1e-6)
+    assert {"size_bytes", "latency_b1_ms", "latency_b256_ms"} <= set(child.data.metrics)
+    assert float(t["served_latency_b1_ms"]) > float(t["latency_b1_ms"])  # pyfunc.predict adds to the runtime
     assert (
         child.data.tags["mlflow.parentRunId"] == summary["run_id"] and child.data.tags["distilflow.stage"] == "register"
     )
@@ -136,7 +145,7 @@ def test_pipeline_registers_product_and_references_with_lineage_card_and_signatu
 
 def test_an_unchanged_model_is_not_registered_twice(trained, tmp_path):
     tracker = fresh(tmp_path)
-    int8 = Layout(trained["root"]).student_int8
+    int8 = Layout(trained["root"]).candidates / "student.int8"
     first = register(tracker, trained, int8)
     assert register(tracker, trained, int8) == first
     layout = Layout(trained["root"])
@@ -154,6 +163,11 @@ def test_an_unchanged_model_is_not_registered_twice(trained, tmp_path):
         )
     assert again == {"versions": {NAME: first}, "product": first, "unchanged": True}
     assert len(tracker.client.search_model_versions(f"name = '{NAME}'")) == 1
+    # identical to any complete version, not only the newest: the nightly run that rebuilds the champion's
+    # model after another version came in registers nothing
+    other = register(tracker, trained, Layout(trained["root"]).teacher, row="teacher fp32")
+    assert other != first and register(tracker, trained, int8) == first
+    assert len(tracker.client.search_model_versions(f"name = '{NAME}'")) == 2
 
 
 def test_registration_is_all_or_nothing(trained, tmp_path):
@@ -162,7 +176,7 @@ def test_registration_is_all_or_nothing(trained, tmp_path):
     broken = shutil.copytree(layout.student, tmp_path / "broken_student")
     (broken / "model.safetensors").write_bytes(b"not a model")
     variants = [
-        Variant(NAME, layout.student_int8, rows(trained)["student int8"], "product"),
+        Variant(NAME, (layout.candidates / "student.int8"), rows(trained)["student int8"], "product"),
         Variant(f"{NAME}-teacher", layout.teacher, rows(trained)["teacher fp32"], "reference"),
         Variant(f"{NAME}-student", broken, rows(trained)["student fp32 (KD)"], "reference"),
     ]
@@ -182,7 +196,7 @@ def test_registration_is_all_or_nothing(trained, tmp_path):
 
 def test_an_unfinished_registration_is_neither_promoted_nor_taken_for_a_finished_one(trained, tmp_path):
     tracker = fresh(tmp_path)
-    int8 = Layout(trained["root"]).student_int8
+    int8 = Layout(trained["root"]).candidates / "student.int8"
     v = register(tracker, trained, int8)
     assert tracker.client.get_model_version(NAME, v).tags["registration"] == "complete"
     # what a process killed between creating the version and finishing the registration leaves behind
@@ -224,7 +238,7 @@ def test_each_gate_passes_and_fails_on_its_threshold(gate, setting, passes):
 
 def test_first_model_is_promoted_when_the_absolute_gates_pass(trained, tmp_path):
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).student_int8)
+    v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     result = promote(tracker, trained)
     assert result["decision"] == "promoted"
     assert aliases(tracker) == {CHAMPION: v}
@@ -239,7 +253,7 @@ def test_first_model_is_promoted_when_the_absolute_gates_pass(trained, tmp_path)
 
 def test_first_model_failing_an_absolute_gate_is_rejected_and_recorded(trained, tmp_path):
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).student_int8)
+    v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     result = promote(tracker, trained, GateParams(**{**LENIENT.model_dump(), "max_size_kb": 0.5}))
     assert result["decision"] == "rejected" and "size" in result["reasons"]
     assert aliases(tracker) == {}  # no champion, and the challenger was decided
@@ -252,7 +266,7 @@ def test_worse_challenger_is_rejected_and_champion_kept_then_better_one_promoted
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
     gates = GateParams(min_accuracy=0.0, max_accuracy_drop=0.1, max_latency_ms=1000, max_size_kb=1e6)
-    v1 = register(tracker, trained, layout.student_int8)
+    v1 = register(tracker, trained, (layout.candidates / "student.int8"))
     assert promote(tracker, trained, gates)["decision"] == "promoted"
 
     v2 = register(tracker, trained, random_model(trained, tmp_path / "random"), row="teacher fp32")
@@ -298,7 +312,7 @@ def test_promoting_without_a_challenger_changes_nothing(trained, tmp_path, monke
     from flows.deployments import scheduled_promote
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).student_int8)
+    v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     promote(tracker, trained)
     with pytest.raises(DistilflowError, match="no 'challenger' version"):
         promote(tracker, trained)
@@ -311,7 +325,7 @@ def test_promoting_without_a_challenger_changes_nothing(trained, tmp_path, monke
 def test_challenger_on_other_data_than_the_champion_is_refused(trained, tmp_path):
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
-    v1 = register(tracker, trained, layout.student_int8)
+    v1 = register(tracker, trained, (layout.candidates / "student.int8"))
     promote(tracker, trained)
     v2 = register(tracker, trained, layout.teacher, row="teacher fp32", tags={"data_md5": "0" * 32})
     with pytest.raises(DistilflowError, match="other data than champion"):
@@ -322,7 +336,7 @@ def test_challenger_on_other_data_than_the_champion_is_refused(trained, tmp_path
 
 def test_unknown_model_name_is_a_clear_error(trained, tmp_path):
     tracker = fresh(tmp_path)
-    register(tracker, trained, Layout(trained["root"]).student_int8)
+    register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     for call in (
         lambda: promotion.promote(tracker, "no-such-model", LENIENT, Layout(trained["root"]).split("test")),
         lambda: promotion.rollback(tracker, "no-such-model"),
@@ -364,7 +378,7 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(traine
 
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
-    register(tracker, trained, layout.student_int8)
+    register(tracker, trained, (layout.candidates / "student.int8"))
     promote(tracker, trained)
     test = pd.read_parquet(layout.split("test"))
     raw = pd.read_csv(layout.root / "data/raw/digits.csv").iloc[:0]  # the raw CSV's column types
@@ -388,7 +402,7 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(traine
     served = json.loads(proc.stdout.strip().splitlines()[-1])
 
     X, y = load_xy(layout.split("test"), read_json(layout.preprocessor))
-    logits = load_predictor(layout.student_int8)(X)
+    logits = load_predictor(layout.candidates / "student.int8")(X)
     classes = np.asarray(read_json(layout.preprocessor)["classes"])
     assert served["pred"] == classes[logits.argmax(1)].tolist()
     assert np.mean(np.asarray(served["pred"]) == classes[y]) == pytest.approx(rows(trained)["student int8"]["accuracy"])
@@ -397,7 +411,7 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(traine
 
 def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_path):
     tracker = fresh(tmp_path)
-    register(tracker, trained, Layout(trained["root"]).student_int8)
+    register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     promote(tracker, trained)
     uri = f"models:/{NAME}@{CHAMPION}"
     raw = pd.read_csv(trained["root"] / "data/raw/digits.csv").head(50)
@@ -430,7 +444,7 @@ def test_two_promotions_at_once_one_wins_the_other_reports_it(trained, tmp_path)
     from prefect.settings import get_current_settings
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).student_int8)
+    v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PREFECT_API_URL": str(get_current_settings().api.url)}
     cmd = [sys.executable, "-m", "distilflow", "promote", "--params", str(trained["root"] / "params.yaml")]
     procs = [
@@ -475,7 +489,7 @@ def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhil
     from flows.registry import _file_lock, lock_file
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).student_int8)
+    v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     lines = []
     with _file_lock(lock_file(tracker.uri, NAME), 5, "the test's hold"):
         proc = _promote_cli(tracker, trained)
@@ -500,7 +514,7 @@ def test_a_promotion_that_cannot_get_the_lock_in_time_fails_clearly_and_changes_
     from flows.registry import registry_lock
 
     tracker = fresh(tmp_path)
-    v = register(tracker, trained, Layout(trained["root"]).student_int8)
+    v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     with registry_lock(tracker, NAME, 5):  # the Prefect concurrency slot first, where the other process waits
         proc = _promote_cli(tracker, trained, "--set", "registry.lock_timeout_s=2")
         out = proc.communicate(timeout=120)[0]
@@ -517,7 +531,7 @@ def test_rollback_audit_and_score_commands(trained, tmp_path):
     """The CLI a person uses: rollback restores the previous champion, audit lists it all, score writes predictions."""
     tracker = fresh(tmp_path)
     layout = Layout(trained["root"])
-    v1 = register(tracker, trained, layout.student_int8)
+    v1 = register(tracker, trained, (layout.candidates / "student.int8"))
     promote(tracker, trained)
     v2 = register(tracker, trained, layout.teacher, row="teacher fp32")
     promote(tracker, trained)
@@ -562,3 +576,14 @@ def test_rollback_audit_and_score_commands(trained, tmp_path):
     assert len(pred) == 40 and (pred["prediction"] == raw["label"]).mean() > 0.8
     probs = pred[[c for c in pred.columns if c.startswith("prob_")]]
     assert probs.shape[1] == 10 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_the_registry_lock_is_named_after_the_store_it_guards(tmp_path):
+    from flows.registry import lock_file, lock_name
+
+    a, b = default_tracking_uri(tmp_path / "a"), default_tracking_uri(tmp_path / "b")
+    assert lock_name(NAME, a) != lock_name(NAME, b)  # two checkouts with their own stores never block each other
+    assert lock_name(NAME, a) == lock_name(NAME, a) and NAME in lock_name(NAME, a)
+    secret = "postgresql://user:hunter2@db:5432/mlflow"
+    assert lock_name(NAME, secret) == lock_name(NAME, "postgresql://user:other@db:5432/mlflow")  # no password in it
+    assert lock_file(a, NAME).parent == tmp_path / "a" and lock_file("http://127.0.0.1:5000", NAME) is None

@@ -30,7 +30,8 @@ def _free_port() -> int:
 def _expected(layout: Layout, rows: pd.DataFrame) -> list:
     """What the pipeline's own evaluation path predicts for raw rows: preprocessing, then the int8 runtime."""
     pre = read_json(layout.preprocessor)
-    logits = load_predictor(layout.student_int8)(apply_normalizer(pre, rows))
+    pick = read_json(layout.selection)["pick"]["candidate"]  # the registered product: what the select stage chose
+    logits = load_predictor(layout.candidates / pick)(apply_normalizer(pre, rows))
     return np.asarray(pre["classes"])[logits.argmax(1)].tolist()
 
 

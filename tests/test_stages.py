@@ -35,6 +35,7 @@ def test_the_dag_follows_the_params_switches():
         "distill",
         "quantize",
         "evaluate",
+        "select",
     ]
     builtin = Params.model_validate({"backbone": {"spec": "builtin:cnn"}, "prune": {"enabled": True}})
     assert names(builtin) == [
@@ -48,9 +49,11 @@ def test_the_dag_follows_the_params_switches():
         "prune",
         "quantize",
         "evaluate",
+        "select",
     ]
-    assert upstream(BY_NAME["quantize"], builtin) == ["split", "normalize", "prune", "finetune"]
+    assert upstream(BY_NAME["quantize"], builtin) == ["split", "normalize", "distill", "prune", "finetune"]
     assert upstream(BY_NAME["quantize"], default) == ["split", "normalize", "distill", "finetune"]
+    assert upstream(BY_NAME["select"], default) == ["evaluate", "finetune", "split"]
     assert names(default)[: len(stages_for(default, "normalize"))] == [s.name for s in stages_for(default, "normalize")]
 
 

@@ -17,22 +17,32 @@ def model_card(
     cleaning: dict,
     split: dict,
     table: list[dict],
-    recipe: str,
+    selection: dict,
     quantize_note: str,
 ) -> str:
-    """The markdown a reviewer reads in the MLflow UI before promoting."""
-    product = next((r for r in table if r["variant"] == "student int8"), table[-1])
+    """The markdown a reviewer reads in the MLflow UI before promoting (the registered version's description)."""
+    pick = selection["pick"]
+    product = next(r for r in table if r["variant"] == pick["variant"])
     n_classes = len(split["class_counts"]["train"])
     teacher = next((r for r in table if r["variant"] == "teacher fp32"), table[0])
     lines = [
         f"# {name}",
         "",
-        f"{'Image' if params.data.image_shape else 'Tabular'} classifier ({product['variant']}) distilled from a "
-        f"fine-tuned teacher by distilflow. Test accuracy "
+        f"{'Image' if params.data.image_shape else 'Tabular'} classifier ({product['variant']}) chosen among "
+        f"{len(selection['verdicts'])} candidates distilled from a fine-tuned teacher by distilflow. Test accuracy "
         f"{product['accuracy']:.4f} (teacher {teacher['accuracy']:.4f}), {product['file_bytes'] / 1024:.1f} KB, "
-        f"{product['latency_b1_median_ms']:.3f} ms per row on CPU. Takes the raw feature columns as a DataFrame; "
-        "returns `prediction` and one `prob_<class>` column per class.",
+        f"{product['latency_b1_median_ms']:.3f} ms per row in its runtime on CPU. Takes the raw feature columns as "
+        "a DataFrame; returns `prediction` and one `prob_<class>` column per class.",
         "",
+        "## Why this model ships",
+        "",
+        f"Policy (`params.yaml: select`, validation split only; test figures are reported, never used to choose): "
+        f"{selection['policy']}.",
+        "",
+        f"**Pick:** {selection['reason']}.",
+        "",
+        selection_markdown(selection),
+        *kd_note(selection),
         "## Data",
         "",
         f"- source: `{params.data.source}` (md5 `{lineage.get('data_md5')}`, DVC-tracked)",
@@ -41,7 +51,7 @@ def model_card(
         else "- classes: as found",
         "- splits (stratified, content-addressed; test frozen): "
         + ", ".join(f"{k} {v} rows (`{split['hashes'][k]}`)" for k, v in split["sizes"].items()),
-        f"- git commit `{lineage.get('git_commit')}`, params hash `{lineage.get('params_hash')}`",
+        f"- git commit `{lineage.get('git_commit', 'unknown')}`, params hash `{lineage.get('params_hash')}`",
         "",
         "## Cleaning",
         "",
@@ -63,7 +73,7 @@ def model_card(
         "",
         "## Compression steps",
         "",
-        f"{recipe}",
+        recipe(params, pick["candidate"]),
         "",
         f"int8: {quantize_note}",
         "",
@@ -75,8 +85,7 @@ def model_card(
             if params.data.value_range
             else ""
         )
-        + ". Values outside that range are not clipped at serving time; missing values are imputed with the "
-        "train median.",
+        + ". Missing values are imputed with the train median.",
         "- Accuracy is measured on one frozen test split from the same distribution; it says nothing about "
         "shifted data. Check per-class recall in the compression report before relying on rare classes.",
         "- Latency is this machine's; measure on yours. The student trades accuracy for size and speed: "
@@ -84,6 +93,40 @@ def model_card(
         "- Not for decisions about people without a separate fairness review.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(selection: dict) -> str:
+    """Every candidate under the policy: validation figures (chosen on), test accuracy (reported), the verdict."""
+    pick = (selection.get("pick") or {}).get("variant")
+    lines = [
+        "| candidate | val accuracy | val macro-F1 | latency b1 (ms) | latency b256 (ms) | size (KB) | "
+        "test accuracy | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for v in selection["verdicts"]:
+        verdict = "**shipped**" if v["variant"] == pick else ("meets the constraint" if v["feasible"] else v["why"])
+        lines.append(
+            f"| {v['variant']} | {v['val_accuracy']:.4f} | {v['val_macro_f1']:.4f} | "
+            f"{v['latency_b1_ms']:.3f} | {v['latency_b256_ms']:.2f} | {v['size_bytes'] / 1024:.1f} | "
+            f"{v['test_accuracy']:.4f} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def kd_note(selection: dict) -> list[str]:
+    """Said plainly when the student without distillation did better on validation than the one with it."""
+    best = {}
+    for v in selection["verdicts"]:
+        kind = "kd" if v["candidate"].startswith("student.") else "nokd" if "nokd" in v["candidate"] else None
+        if kind:
+            best[kind] = max(best.get(kind, 0.0), v["val_accuracy"])
+    if "kd" in best and "nokd" in best and best["nokd"] > best["kd"]:
+        return [
+            f"Note: the same-size student trained on labels alone scored higher on validation "
+            f"({best['nokd']:.4f}) than the distilled one ({best['kd']:.4f}); distillation did not pay here.",
+            "",
+        ]
+    return []
 
 
 def card_description(card: str) -> str:
@@ -94,20 +137,27 @@ def card_description(card: str) -> str:
     return card[: DESCRIPTION_LIMIT - len(tail)].rsplit("\n", 1)[0] + tail
 
 
-def recipe(params) -> str:
-    """The compression recipe in one line (also a version tag)."""
+def recipe(params, candidate: str = "student.int8") -> str:
+    """How the shipped candidate was made, in one line (also a version tag)."""
     d, q = params.distill, params.quantize
-    steps = [
-        f"KD (T={d.temperature}, alpha={d.alpha}{f', hint {d.hint_weight}' if d.hint_weight else ''}) "
-        f"into a {d.student} student {d.student_width}x{d.student_depth}"
-    ]
-    if params.prune.enabled:
+    student, _, runtime = candidate.partition(".")
+    shape = f"a {d.student} student {d.student_width}x{d.student_depth}"
+    steps = (
+        [f"{shape} on the labels alone (no KD)"]
+        if student == "student_nokd"
+        else [
+            f"KD (T={d.temperature}, alpha={d.alpha}{f', hint {d.hint_weight}' if d.hint_weight else ''}) into {shape}"
+        ]
+    )
+    if student == "student_pruned":
         steps.append(f"{params.prune.method} pruning {params.prune.sparsity:.0%}")
-    if q.enabled:
+    if runtime == "int8":
         steps.append(
             f"int8 {q.backend} ({q.calibration_method} calibration, "
             f"{'per-channel' if q.per_channel else 'per-tensor'}, budget {q.max_accuracy_drop})"
         )
+    else:
+        steps.append("ONNX Runtime fp32")
     return " → ".join(steps)
 
 
@@ -119,7 +169,13 @@ def compression_notes(prune_report: Path | None, quantize_report: Path | None) -
         notes.append(f"pruning ({report['method']}, {report['requested_sparsity']:.0%}): {report.get('note', '')}")
     if quantize_report is not None:
         info = read_json(quantize_report)
-        notes.append(f"student int8: remedy `{info['student'].get('remedy')}`: {info['student'].get('reason')}")
+        for name, record in info["candidates"].items():
+            if record.get("runtime") != "int8":
+                continue
+            if record.get("error"):
+                notes.append(f"{name}: no int8 candidate: {record['error']}")
+            else:
+                notes.append(f"{name}: remedy `{record.get('remedy')}`: {record.get('reason')}")
         if info["teacher"].get("error"):
             notes.append(f"teacher int8 not shown: {info['teacher']['error']}")
     return notes

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-FAMILIES = ("data_scale", "training", "orchestration", "quality", "compression")
+FAMILIES = ("data_scale", "training", "orchestration", "quality", "compression", "serving")
 
 
 def _quiet_environment() -> None:
@@ -191,12 +191,20 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"every compression setting failed: {errors}")
         return {"settings": settings, "errors": errors, "targets": [t for s in settings for t in s["targets"]]}
 
+    def serving():
+        from bench import serving as sv
+
+        if q:
+            notes.append("serving: 100 timed calls per contender, 3 score start-ups")
+        return sv.run(repeats=100 if q else 300, score_runs=3 if q else 5, workdir=work / "serving")
+
     for name, fn in (
         ("data_scale", data_scale),
         ("training", training),
         ("orchestration", orchestration),
         ("quality", quality),
         ("compression", compression),
+        ("serving", serving),
     ):
         attempt(name, fn)
     results["seconds"] = time.perf_counter() - started

@@ -200,12 +200,25 @@ def _training(sec: dict) -> list[str]:
     return lines
 
 
+def _serving(sec: dict) -> list[str]:
+    lines = ["", sec["setting"] + ".", "", "| contender | median ms | min ms | max ms |", "|---|---:|---:|---:|"]
+    for name, t in sec["latency_ms"].items():
+        lines.append(f"| {name} | {t['median']:.3f} | {t['min']:.3f} | {t['max']:.3f} |")
+    s = sec["score_5_rows_s"]
+    lines.append(
+        f"\n`distilflow score` on 5 rows, a fresh process each time: {s['median']:.2f} s median "
+        f"({s['min']:.2f}–{s['max']:.2f} s)."
+    )
+    return lines
+
+
 SECTIONS = {
     "compression": ("1. Compression", _compression),
     "quality": ("2. Quality at low label budgets", _quality),
     "orchestration": ("3–4. Orchestration overhead and caching", _orchestration),
     "data_scale": ("5. Data stages at scale", _data),
     "training": ("6. Training throughput", _training),
+    "serving": ("7. Serving latency and start-up", _serving),
 }
 
 

@@ -145,6 +145,8 @@ class TrainParams(Section):
     threads: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     devices: int = Field(default=1, ge=1)  # >1: data-parallel (DDP) over this many processes (GPUs on CUDA)
+    precision: Literal["bf16", "fp32"] = "bf16"  # on CUDA: bf16 autocast, or plain fp32; the CPU trains in fp32
+    channels_last: bool = False  # on CUDA: NHWC memory format for conv models (faster tensor-core kernels)
 
 
 class TransferParams(Section):

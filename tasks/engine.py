@@ -61,6 +61,8 @@ class LoopConfig:
     device: str = "auto"
     threads: int | None = None
     val_batch_size: int = 512
+    precision: str = "bf16"  # bf16 autocast on CUDA ("fp32": none); the CPU always trains in fp32
+    channels_last: bool = False  # NHWC weights on CUDA
 
 
 @dataclass
@@ -225,7 +227,9 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
     )
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" and cfg.precision == "bf16"
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     clip = [p for g in groups for p in g["params"]]
 
     has_unlabelled = bool((tensors["y"] == IGNORE).any())
@@ -452,6 +456,8 @@ def loop_config(cfg: TrainParams, **overrides) -> LoopConfig:
         patience=cfg.patience,
         device=cfg.device,
         threads=cfg.threads,
+        precision=cfg.precision,
+        channels_last=cfg.channels_last,
     )
     return LoopConfig(**{**base, **overrides})
 

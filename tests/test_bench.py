@@ -114,3 +114,15 @@ def test_merge_carries_unmeasured_families_from_the_newest_earlier_file_with_the
     assert settings["redone"]["targets"][0]["measured"] == 12 and "measured_on" not in settings["redone"]
     assert settings["kept"]["measured_on"] == "2026-11-20"
     assert sorted(t["measured"] for t in today["targets"]) == [2, 10, 12]
+
+
+def test_the_gpu_script_runs_its_settings_end_to_end_on_the_cpu():
+    """No GPU in CI: the same code paths (settings, fit, the report) on the CPU with tiny sizes."""
+    from bench import gpu
+
+    result = gpu.run(epochs=1, pairs=1, device="cpu", batch_size=64, models=("cnn",), max_rows=256)
+    assert [r["setting"] for r in result["rows"]] == ["fp32", "bf16 autocast", "bf16 + channels_last"]
+    assert all(r["samples_per_s"]["median"] > 0 for r in result["rows"])
+    table = gpu.markdown(result)
+    assert "| cnn | fp32 |" in table and "1.00×" in table and result["card"] == "cpu (smoke run)"
+    assert gpu.main([]) == 0  # no CUDA here: says so, writes nothing

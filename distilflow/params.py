@@ -270,6 +270,13 @@ class SelectParams(Section):
     min_macro_f1_margin: float = Field(default=0.1, ge=0, le=1)
 
 
+class RunLockParams(Section):
+    """One pipeline run per project folder at a time (an flock on .distilflow/run.lock: a crash frees it)."""
+
+    on_busy: Literal["wait", "fail"] = "wait"
+    timeout_s: float = Field(default=3600.0, gt=0)
+
+
 class TrackingParams(Section):
     """Where runs are tracked: the MLflow experiment name."""
 
@@ -347,6 +354,7 @@ class Params(Section):
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
     select: SelectParams = SelectParams()
+    run_lock: RunLockParams = RunLockParams()
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()

@@ -7,11 +7,14 @@ import os
 from prefect import flow
 
 from distilflow.layout import Layout
+from distilflow.locks import file_lock
 from distilflow.params import Params
 from distilflow.stages import stages_for, upstream
 from distilflow.tracking import Tracker, lineage_tags, run_name
 from flows.stages import run_task
 from tasks.splits import SPLITS
+
+RUN_LOCK = ".distilflow/run.lock"
 
 
 def register(params: Params, layout: Layout, tracker: Tracker, parent, lineage: dict) -> dict:
@@ -41,7 +44,25 @@ def pipeline(
 ) -> dict:
     """Run every stage the params switch on, or those up to and including `stop_after` (e.g. "normalize")."""
     layout = Layout(root)
+    with file_lock(
+        layout.root / RUN_LOCK,
+        params.run_lock.timeout_s,
+        f"project {layout.root}",
+        "another run",
+        "run_lock.on_busy / run_lock.timeout_s",
+        wait=params.run_lock.on_busy == "wait",
+    ):
+        return _pipeline(params, layout, tracking_uri, stop_after, overrides)
+
+
+def _pipeline(
+    params: Params, layout: Layout, tracking_uri: str, stop_after: str | None, overrides: list[str] | None
+) -> dict:
+    from tasks.registry.recovery import kill_dead_runs
+
     tracker = Tracker(tracking_uri, layout.root)
+    for run_id in kill_dead_runs(tracker):  # runs a crashed process left RUNNING (this machine's)
+        print(f"recovered: marked MLflow run {run_id} KILLED (its process is gone)")
     lineage = lineage_tags(layout.root, params)
     stages: dict[str, str] = {}
     results, states = {}, {}

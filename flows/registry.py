@@ -1,18 +1,13 @@
 """Registry flows: promote, rollback, batch scoring. Wiring, plus the lock that keeps them apart.
 
 Two runs that change one registered model's versions or aliases (a pipeline's
-registration, a promotion, a rollback) never overlap: each holds a Prefect
-global concurrency limit of one slot named after the model (shared by every
-process talking to the same Prefect API) and, for the embedded SQLite store,
-a file lock beside it (shared by every process on this machine, even when
-each runs its own ephemeral Prefect API).
+registration, a promotion, a rollback) never overlap, and no lock outlives a
+crashed holder (see `registry_lock`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import re
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -21,6 +16,7 @@ from prefect import flow
 
 from distilflow.errors import DistilflowError
 from distilflow.layout import Layout
+from distilflow.locks import file_lock
 from distilflow.params import Params
 from distilflow.tracking import Tracker
 from tasks.registry import CHALLENGER, CHAMPION
@@ -47,40 +43,47 @@ def lock_file(tracking_uri: str, model: str) -> Path | None:
 
 
 @contextmanager
-def _file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        deadline = time.monotonic() + timeout_s
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waiting:
-                    print(f"waiting for {what}: another registration or promotion holds it", flush=True)
-                    waiting = True
-                if time.monotonic() > deadline:
-                    raise DistilflowError(
-                        f"{what} is busy: another registration or promotion still holds it after "
-                        f"{timeout_s:.0f} s (registry.lock_timeout_s)"
-                    ) from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[None]:
+    """Exclusive right to change `model`'s versions and aliases; it never outlives its holder.
+
+    - An embedded SQLite store: an flock on a file beside it, which the kernel
+      releases when the holder exits, however it exits.
+    - A tracking server: a Prefect global concurrency limit named after the
+      store, held under a 30 s lease that the holder renews; a holder killed
+      outright stops renewing, and the Prefect server's repossessor frees its
+      slot. That needs one Prefect server for every client (PREFECT_API_URL).
+
+    Inside the lock, whatever a crashed holder left is cleaned first
+    (tasks/registry/recovery.py).
+    """
+    from tasks.registry.recovery import recover_crashed
+
+    path = lock_file(tracker.uri, model)
+    with ExitStack() as held:
+        if path is not None:
+            held.enter_context(
+                file_lock(
+                    path,
+                    timeout_s,
+                    f"registered model {model}",
+                    "another registration or promotion",
+                    "registry.lock_timeout_s",
+                )
+            )
+        else:
+            held.enter_context(_prefect_slot(lock_name(model, tracker.uri), model, timeout_s))
+        for line in recover_crashed(tracker, model):
+            print(line, flush=True)
+        yield
 
 
 @contextmanager
-def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[None]:
-    """Exclusive right to change `model`'s versions and aliases (see the module docstring)."""
+def _prefect_slot(name: str, model: str, timeout_s: float) -> Iterator[None]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = lock_name(model, tracker.uri)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -89,27 +92,24 @@ def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[No
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
                 pass  # another process created it first
-    with ExitStack() as held:
-        try:
-            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
-        except TimeoutError:
-            raise DistilflowError(
-                f"registered model {model} is busy: another registration or promotion held the "
-                f"Prefect concurrency limit {name!r} for more than {timeout_s:.0f} s "
-                "(registry.lock_timeout_s)"
-            ) from None
-        if (path := lock_file(tracker.uri, model)) is not None:
-            held.enter_context(_file_lock(path, timeout_s, f"registered model {model}"))
-        yield
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=30):
+            yield
+    except TimeoutError:
+        raise DistilflowError(
+            f"registered model {model} is busy: another registration or promotion held the "
+            f"Prefect concurrency limit {name!r} for more than {timeout_s:.0f} s (registry.lock_timeout_s)"
+        ) from None
 
 
 @flow(name="distilflow-promote", log_prints=True)
 def promote(params: Params, root: str, tracking_uri: str, actor: str | None = None, version: str | None = None) -> dict:
     """Gate `challenger` against `champion` on the frozen test split; move the aliases on a pass.
 
-    Three tasks, so the Prefect UI shows each step: finish an interrupted
-    promotion, decide (re-score, gates), apply (audit, tags, aliases); the gate
-    table is published as a markdown artifact.
+    Two tasks, so the Prefect UI shows each step: decide (re-score, gates)
+    and apply (audit intent, tags, aliases, done); the gate table is published
+    as a markdown artifact. Taking the lock first finishes whatever a crashed
+    registration or promotion left (tasks/registry/recovery.py).
     """
     from prefect import task
     from prefect.artifacts import create_markdown_artifact
@@ -121,11 +121,6 @@ def promote(params: Params, root: str, tracking_uri: str, actor: str | None = No
     seen = version or (getattr(version_by_alias(tracker.client, model, CHALLENGER), "version", None))
     steps = dict(cache_policy=NO_CACHE)
     with registry_lock(tracker, model, params.registry.lock_timeout_s):
-        finished = task(name="finish-interrupted", task_run_name="finish-interrupted", **steps)(
-            registry.finish_interrupted
-        )(tracker, model)
-        if finished:
-            print(f"finished interrupted promotion(s) of {model}: " + ", ".join(f"v{v}" for v in finished))
         decision = task(name="decide", task_run_name="decide", **steps)(registry.decide)(
             tracker, model, params.registry.gates, Layout(root).split("test"), actor, str(seen) if seen else None
         )

@@ -486,12 +486,12 @@ def _promote_cli(tracker, trained, *extra, who="bob"):
 
 def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhile(trained, tmp_path):
     """Deterministic order: bob's promotion is made to wait on the lock while alice's decides the challenger."""
-    from flows.registry import _file_lock, lock_file
+    from flows.registry import registry_lock
 
     tracker = fresh(tmp_path)
     v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
     lines = []
-    with _file_lock(lock_file(tracker.uri, NAME), 5, "the test's hold"):
+    with registry_lock(tracker, NAME, 5):
         proc = _promote_cli(tracker, trained)
         for line in proc.stdout:  # bob has seen the challenger and is blocked on the lock
             lines.append(line)
@@ -515,13 +515,13 @@ def test_a_promotion_that_cannot_get_the_lock_in_time_fails_clearly_and_changes_
 
     tracker = fresh(tmp_path)
     v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
-    with registry_lock(tracker, NAME, 5):  # the Prefect concurrency slot first, where the other process waits
+    with registry_lock(tracker, NAME, 5):
         proc = _promote_cli(tracker, trained, "--set", "registry.lock_timeout_s=2")
         out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, out
     errors = [line for line in out.splitlines() if line.startswith("distilflow: error:")]
-    assert len(errors) == 1 and f"registered model {NAME} is busy" in errors[0] and "concurrency limit" in errors[0]
-    assert "registry.lock_timeout_s" in errors[0]
+    assert len(errors) == 1 and f"registered model {NAME} is busy" in errors[0]
+    assert f"(pid {os.getpid()} since" in errors[0] and "registry.lock_timeout_s" in errors[0]  # who holds it
     assert "Traceback" not in out
     assert aliases(tracker) == {CHALLENGER: v}
     assert promotion.audit_trail(tracker, NAME) == []

@@ -85,7 +85,7 @@ def _child(table: Path, workdir: Path, repeats: int) -> dict:
             seed=42,
         )
         t2 = time.perf_counter()
-        normalize_stage(workdir / "split/train.parquet", workdir / "preprocessor.json", "standard", None)
+        normalize_stage(workdir / "split/train.parquet", workdir / "preprocessor.json", "standard", None, None)
         t3 = time.perf_counter()
         if i == 0:
             continue  # warm-up: first-touch page faults, lazy imports

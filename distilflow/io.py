@@ -42,9 +42,27 @@ def write_text(text: str, path: str | Path) -> Path:
     return Path(path)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `path`; it replaces `path` only on success."""
+    """Yield an empty temp folder beside `path`; it replaces `path` only on success.
+
+    The old and new folders are swapped in one step (RENAME_EXCHANGE), so
+    `path` is never missing, even for a process killed mid-way; where the
+    system cannot swap, two renames leave it missing for an instant.
+    """
     import shutil
 
     path = Path(path)
@@ -52,6 +70,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        if path.is_dir() and _exchange(tmp, path):
+            return  # `tmp` now holds the old folder: removed below
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
@@ -59,6 +79,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def restored_on_failure(paths: list[Path], scratch: Path) -> Iterator[None]:
+    """Leave every path in `paths` as it was if the block fails: a run's outputs change all together or not at all.
+
+    The current files are hard-linked into `scratch` first (cheap, and safe
+    because every writer here replaces a file by renaming a new one into
+    place, never rewriting it), and moved back on any exception.
+    """
+    import shutil
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    saved = Path(tempfile.mkdtemp(prefix="restore-", dir=scratch))
+    kept: dict[Path, Path] = {}
+    try:
+        for i, path in enumerate(paths):
+            if path.is_file():
+                os.link(path, saved / str(i))
+                kept[path] = saved / str(i)
+            elif path.is_dir():
+                shutil.copytree(path, saved / str(i), copy_function=os.link)
+                kept[path] = saved / str(i)
+        try:
+            yield
+        except BaseException:
+            for path in paths:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                if path in kept:
+                    os.replace(kept[path], path)
+            raise
+    finally:
+        shutil.rmtree(saved, ignore_errors=True)
 
 
 def read_json(path: str | Path) -> Any:

@@ -54,6 +54,9 @@ class CleanParams(Section):
 
     nonfinite: Literal["drop", "impute"] = "drop"
     out_of_range: Literal["clip", "drop"] = "clip"
+    # more values than this share outside data.value_range stop the run: the range is likely wrong (0..255
+    # pixels under the digits' 0..16 would be clipped flat, in training and in serving alike)
+    max_out_of_range_share: float = Field(default=0.01, ge=0, le=1)
     drop_duplicates: bool = True
     conflicting_labels: Literal["majority", "drop"] = "majority"
     rare_classes: Literal["drop", "fail"] = "drop"

@@ -95,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
         "tasks/data.py",
         deps={"train": "train"},
         outs={"preprocessor": "preprocessor"},
-        params={"method": "normalize.method", "image_shape": "data.image_shape"},
+        params={"method": "normalize.method", "image_shape": "data.image_shape", "value_range": "data.value_range"},
     ),
     # resolves backbone.spec once per run (pretraining the demo's backbone if needed) into artifacts/backbone/
     Stage(

@@ -6,6 +6,7 @@ import os
 
 from prefect import flow
 
+from distilflow.io import restored_on_failure
 from distilflow.layout import Layout
 from distilflow.locks import file_lock
 from distilflow.params import Params
@@ -42,17 +43,30 @@ def register(params: Params, layout: Layout, tracker: Tracker, parent, lineage: 
 def pipeline(
     params: Params, root: str, tracking_uri: str, stop_after: str | None = None, overrides: list[str] | None = None
 ) -> dict:
-    """Run every stage the params switch on, or those up to and including `stop_after` (e.g. "normalize")."""
+    """Run every stage the params switch on, or those up to and including `stop_after` (e.g. "normalize").
+
+    One run per project at a time (`run_lock`), and all or nothing: if any stage
+    fails, every output is put back as it was before the run.
+    """
     layout = Layout(root)
-    with file_lock(
-        layout.root / RUN_LOCK,
-        params.run_lock.timeout_s,
-        f"project {layout.root}",
-        "another run",
-        "run_lock.on_busy / run_lock.timeout_s",
-        wait=params.run_lock.on_busy == "wait",
+    outputs = [layout.path(name) for stage in stages_for(params, stop_after) for name in stage.outs.values()]
+    with (
+        file_lock(
+            layout.root / RUN_LOCK,
+            params.run_lock.timeout_s,
+            f"project {layout.root}",
+            "another run",
+            "run_lock.on_busy / run_lock.timeout_s",
+            wait=params.run_lock.on_busy == "wait",
+        ),
+        restored_on_failure(outputs + [layout.path("model_card")], layout.root / ".distilflow"),
     ):
-        return _pipeline(params, layout, tracking_uri, stop_after, overrides)
+        summary = _pipeline(params, layout, tracking_uri, stop_after, overrides)
+    if summary.get("refused"):  # every output is kept and the runs are closed: say, in one line, why nothing ships
+        from tasks.register import NotRegistered
+
+        raise NotRegistered(f"nothing registered: {summary['refused']}")
+    return summary
 
 
 def _pipeline(
@@ -94,10 +108,8 @@ def _pipeline(
         elif "select" in results and params.registry.enabled:
             summary["registered"] = register(params, layout, tracker, parent, lineage)
             stages["register"] = "unchanged" if summary["registered"]["unchanged"] else "ran"
-    if refused:  # every output is written and the runs are closed: say, in one line, why nothing ships
-        from tasks.register import NotRegistered
-
-        raise NotRegistered(f"nothing registered: {results['select'].info['reason']}")
+    if refused:
+        summary["refused"] = results["select"].info["reason"]
     return summary
 
 

@@ -224,6 +224,15 @@ def clean_table(
         with np.errstate(invalid="ignore"):
             outside = lo > X
             outside |= hi < X
+        share = float(outside[keep].sum()) / max(1, int(keep.sum()) * X.shape[1])
+        if share > clean.max_out_of_range_share:
+            observed = X[keep][np.isfinite(X[keep])]
+            raise DistilflowError(
+                f"{share:.1%} of the feature values fall outside data.value_range [{lo:g}, {hi:g}] (observed "
+                f"[{observed.min():g}, {observed.max():g}]): set data.value_range to the data's range "
+                f"(e.g. [{np.floor(observed.min()):g}, {np.ceil(observed.max()):g}]) or null, or raise "
+                f"clean.max_out_of_range_share ({clean.max_out_of_range_share:g}) if clipping them is intended"
+            )
         if clean.out_of_range == "drop":
             rows = outside.any(axis=1)
             dropped["out_of_range"] = int((keep & rows).sum())
@@ -385,10 +394,14 @@ def split_stage(
 
 
 def normalize_stage(
-    train: Path, preprocessor: Path, method: str, image_shape: tuple[int, int, int] | None
+    train: Path,
+    preprocessor: Path,
+    method: str,
+    image_shape: tuple[int, int, int] | None,
+    value_range: tuple[float, float] | None,
 ) -> StageResult:
     """Fit imputation and scaling on the train split; the record later stages and the served model apply."""
-    pre = fit_normalizer(read_table(train), method, image_shape)
+    pre = fit_normalizer(read_table(train), method, image_shape, value_range)
     write_json(pre, preprocessor)
     return StageResult(
         metrics={"n_features": len(pre["feature_columns"]), "n_classes": len(pre["classes"])},

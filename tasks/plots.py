@@ -87,9 +87,12 @@ def accuracy_latency_plot(
 
 
 def _save(fig, path: str | Path) -> Path:
+    """The figure as a PNG, written beside `path` and renamed into place (never half-written)."""
+    from distilflow.io import atomic_path
+
     plt = _pyplot()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(path)
 

@@ -34,7 +34,16 @@ def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
         raise
     impute = np.asarray(pre["impute"])
     X = np.where(np.isfinite(X), X, impute)
-    return ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)
+    if pre.get("clip") is not None:  # as the clean stage did to the training rows: no train/serve skew
+        X = np.clip(X, *pre["clip"])
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)
+    if not np.isfinite(out).all():
+        column = pre["feature_columns"][int(np.argwhere(~np.isfinite(out))[0][1])]
+        raise DistilflowError(
+            f"input column {column!r} holds a value too large for the model (after scaling it is not a finite number)"
+        )
+    return out
 
 
 def _by_column_blocks(stat, X: np.ndarray, block: int = 16) -> np.ndarray:
@@ -44,11 +53,19 @@ def _by_column_blocks(stat, X: np.ndarray, block: int = 16) -> np.ndarray:
     return np.concatenate([stat(X[:, j : j + block], axis=0) for j in range(0, X.shape[1], block)])
 
 
-def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int, int] | None) -> dict:
+def fit_normalizer(
+    train: pd.DataFrame,
+    method: str,
+    image_shape: tuple[int, int, int] | None,
+    value_range: tuple[float, float] | None = None,
+) -> dict:
     """Fit imputation and scaling on the train split only, as a JSON-able record.
 
     Every method reduces to per-feature (impute, shift, scale) vectors, so
-    serving applies one formula: (fill_nan(x, impute) - shift) / scale.
+    serving applies one formula: (clip(fill_nan(x, impute)) - shift) / scale,
+    clipping to `value_range` as the clean stage did to the training rows.
+    Scales that are not finite (values too large to square) stop here with
+    the columns named, rather than train on NaN.
     """
     features = [c for c in train.columns if c != LABEL]
     X = train[features].to_numpy(dtype=np.float64, copy=True)  # ours to fill in place
@@ -74,6 +91,17 @@ def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int
             f"normalize.method: unknown method {method!r} (allowed: standard, minmax, per_channel, none)"
         )
     scale = np.where(scale > 0, scale, 1.0)  # constant features (digits' blank corners) pass through centred
+    bad = [
+        f
+        for f, a, b, c in zip(features, shift, scale, impute)
+        if not (np.isfinite(a) and np.isfinite(b) and np.isfinite(c))
+    ]
+    if bad:
+        raise DistilflowError(
+            f"normalize: column(s) {bad[:5]} have values too large to scale (their {method} statistics overflow, "
+            f"e.g. max |x| {np.nanmax(np.abs(X[:, features.index(bad[0])])):g}): set data.value_range to clip or "
+            "drop them, or fix the data"
+        )
     classes = sorted(train[LABEL].unique().tolist())
     return {
         "version": 1,
@@ -84,4 +112,5 @@ def fit_normalizer(train: pd.DataFrame, method: str, image_shape: tuple[int, int
         "impute": impute.tolist(),
         "shift": shift.tolist(),
         "scale": scale.tolist(),
+        "clip": list(value_range) if value_range is not None else None,
     }

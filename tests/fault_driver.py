@@ -4,7 +4,8 @@
 
 - a stage name: pause just before that stage's function runs;
 - `register`: pause at the first alias write of a registration, when its versions exist but are pending;
-- `promote`: pause at the alias move of a promotion, after its intent and tags are recorded.
+- `promote`: pause at the alias move of a promotion, after its intent and tags are recorded;
+- `fail-<stage>`: that stage raises an error just before it runs (the rest of the run proceeds as usual).
 The pause writes MARKER_FILE, then sleeps until the test kills the process. Nothing here ships:
 it patches the running process only.
 """
@@ -43,6 +44,10 @@ def main() -> int:
         def call(stage, fn, kwargs):
             if stage.name == point:
                 _pause(marker)
+            if point == f"fail-{stage.name}":
+                from distilflow.errors import DistilflowError
+
+                raise DistilflowError(f"injected failure in {stage.name}")
             return original_call(stage, fn, kwargs)
 
         stages._call = call

@@ -74,12 +74,25 @@ def test_nonfinite_impute_keeps_rows_and_leaves_nan_for_the_train_median():
 
 def test_out_of_range_clip_and_drop():
     rows = filler() + [(0, -5.0, 1.0), (0, 11.0, 12.0), (0, 3.0, 3.0)]
-    out, rep = run_clean(rows, out_of_range="clip")
+    out, rep = run_clean(rows, out_of_range="clip", max_out_of_range_share=1.0)  # a tiny table: 3 of 18 values
     assert rep["dropped"]["out_of_range"] == 0 and rep["modified"]["cells_clipped"] == 3
     zero = out[out[LABEL] == 0].sort_values("f0")
     assert zero["f0"].tolist() == [0.0, 3.0, 10.0] and zero["f1"].max() == 10.0
-    out, rep = run_clean(rows, out_of_range="drop")
+    out, rep = run_clean(rows, out_of_range="drop", max_out_of_range_share=1.0)
     assert rep["dropped"]["out_of_range"] == 2 and (out[LABEL] == 0).sum() == 1
+
+
+def test_a_value_range_that_does_not_fit_the_data_stops_the_run_naming_the_observed_range():
+    """0..255 pixels with the digits' [0, 16]: clipping would flatten most of the image, in training and serving."""
+    rows = [(c, 1.0 + c + 0.1 * i, 200.0) for c in (0, 1, 2) for i in range(4)]
+    with pytest.raises(
+        DistilflowError,
+        match=r"50.0% of the feature values fall outside data.value_range \[0, 10\] "
+        r"\(observed \[1, 200\]\): set data.value_range",
+    ):
+        run_clean(rows)
+    out, rep = run_clean(rows, max_out_of_range_share=1.0)  # on purpose: clipped, and counted
+    assert rep["modified"]["cells_clipped"] > 0
 
 
 def test_exact_duplicates_keep_one():
@@ -129,7 +142,7 @@ def test_all_rules_together_add_up():
         (0, 4, 4),
         (0, 3, 3),
     ]
-    out, rep = run_clean(rows, out_of_range="drop")
+    out, rep = run_clean(rows, out_of_range="drop", max_out_of_range_share=0.05)  # 1 value in 32
     assert rep["rows_in"] == 18
     assert {k: v for k, v in rep["dropped"].items() if v} == {
         "missing_label": 1,
@@ -236,3 +249,21 @@ def test_imputation_uses_the_train_median_and_constant_features_pass():
     assert z[:, 0].tolist() == [3.0, 3.0]
     with pytest.raises(DistilflowError, match="missing feature columns"):
         apply_normalizer(pre, pd.DataFrame({"a": [1.0]}))
+
+
+def test_values_too_large_to_scale_stop_at_normalize_naming_the_column():
+    """1e308 with no value range: the standard deviation overflows; training on NaN is not an option."""
+    train = pd.DataFrame({LABEL: [0, 1, 0, 1], "f0": [1.0, 2.0, 3.0, 1e308], "f1": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(DistilflowError, match=r"column\(s\) \['f0'\] have values too large to scale"):
+        fit_normalizer(train, "standard", None)
+    pre = fit_normalizer(train.assign(f0=[1.0, 2.0, 3.0, 4.0]), "standard", None)
+    with pytest.raises(DistilflowError, match="input column 'f0' holds a value too large"):
+        apply_normalizer(pre, train.assign(f0=[1.0, 2.0, 3.0, np.finfo(np.float64).max]))
+
+
+def test_the_served_preprocessing_clips_to_the_value_range_as_cleaning_did():
+    train = pd.DataFrame({LABEL: [0, 1, 0, 1], "f0": [0.0, 4.0, 8.0, 10.0], "f1": [1.0, 2.0, 3.0, 4.0]})
+    pre = fit_normalizer(train, "minmax", None, value_range=(0.0, 10.0))
+    raw = pd.DataFrame({"f0": [250.0, -7.0], "f1": [2.0, 2.0]})
+    clipped = pd.DataFrame({"f0": [10.0, 0.0], "f1": [2.0, 2.0]})
+    np.testing.assert_array_equal(apply_normalizer(pre, raw), apply_normalizer(pre, clipped))

@@ -141,3 +141,46 @@ def test_a_second_run_in_the_same_project_waits_or_fails_with_one_line(quick):
     error = busy.stderr.strip().splitlines()[-1]
     assert error.startswith("distilflow: error: project ") and f"busy: another run (pid {os.getpid()}" in error
     assert not (quick / "data/split").exists()  # it did nothing
+
+
+def _tree(project: Path) -> dict[str, str]:
+    """Every pipeline output's content hash (what a failed run must leave exactly as it was)."""
+    layout = Layout(project)
+    roots = [project / d for d in ("data/interim", "data/split", "artifacts", "reports")]
+    files = sorted(p for root in roots if root.exists() for p in root.rglob("*") if p.is_file())
+    skip = ("checkpoints",)
+    return {str(p.relative_to(layout.root)): path_hash(p) for p in files if not any(s in p.parts for s in skip)}
+
+
+@pytest.mark.parametrize("stage", ["clean", "split", "finetune", "quantize", "select"])
+def test_a_failing_stage_leaves_every_output_as_it_was(quick, stage):
+    assert _cli(quick, "run").returncode == 0
+    before = _tree(quick)
+    # a changed param reruns every stage from `stage`'s inputs on; the injected failure stops the run at `stage`
+    change = "clean.drop_duplicates=false" if stage == "clean" else "split.test_seed=3"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.fault_driver",
+            f"fail-{stage}",
+            str(quick / "unused"),
+            "--",
+            "run",
+            "--params",
+            str(quick / "params.yaml"),
+            "--set",
+            change,
+        ],
+        cwd=REPO,
+        env=_env(quick),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"distilflow: error: injected failure in {stage}"
+    assert _tree(quick) == before
+    client = MlflowClient(f"sqlite:///{quick / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]

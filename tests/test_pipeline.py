@@ -109,12 +109,12 @@ def _runs_by_status(project):
         (
             lambda p: edit_params(p, data={"classes": ["x", "y"]}),
             "no rows left after cleaning",
-            ["cleaned", "cleaning_report"],
+            ["ingested", "cleaned", "cleaning_report"],  # ingest succeeded, but a failed run changes nothing
         ),
         (
             lambda p: edit_params(p, clean={"rare_classes": "fail", "min_samples_per_class": 500}),
             "too few samples to stratify",
-            ["cleaned", "cleaning_report"],
+            ["ingested", "cleaned", "cleaning_report"],
         ),
     ],
 )

@@ -409,6 +409,20 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_pipeline(traine
     assert np.allclose(served["p0"], np.exp(logits[:, 0]) / np.exp(logits).sum(1), atol=1e-5)
 
 
+def test_the_registered_model_sees_out_of_range_raw_values_as_training_did(trained):
+    """No train/serve skew: training clipped values to data.value_range [0, 16]; so does the served model."""
+    tracker = Tracker(trained["uri"], trained["root"])
+    model = tracker.load_pyfunc(f"models:/{NAME}@{CHALLENGER}")
+    raw = pd.read_csv(trained["root"] / "data/raw/digits.csv").drop(columns=["label"]).head(60)
+    bright = raw.copy()
+    bright[raw.columns[20:44]] = raw[raw.columns[20:44]] * 16  # 0..255-like pixels in the middle rows
+    clipped = bright.clip(upper=16)
+    assert (bright > 16).to_numpy().mean() > 0.1  # far out of range: unclipped, these rows would score differently
+    out_bright, out_clipped = model.predict(bright), model.predict(clipped)
+    assert out_bright["prediction"].tolist() == out_clipped["prediction"].tolist()
+    np.testing.assert_allclose(out_bright["prob_3"], out_clipped["prob_3"], atol=1e-6)
+
+
 def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_path):
     tracker = fresh(tmp_path)
     register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))

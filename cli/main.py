@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--stop-after", choices=["normalize"], help="stop after this stage (the data half)")
     run.add_argument(
+        "--check",
+        action="store_true",
+        help="compare files by content hash, not size and modification time, before answering 'up to date'",
+    )
+    run.add_argument(
         "--force",
         action="store_true",
         help="run even when nothing changed since the last complete run (distilflow/uptodate.py)",
@@ -241,7 +246,12 @@ def _run(args) -> int:
     if args.command == "run" and not args.force:
         from distilflow import uptodate
 
-        last = uptodate.last_run(root, uptodate.fingerprint(params, root, uri, args.stop_after))
+        if args.check:  # bytes, not size and modification time: an in-place overwrite does not fool it
+            last = uptodate.last_run(
+                root, uptodate.fingerprint(params, root, uri, args.stop_after, content=True), key="content"
+            )
+        else:
+            last = uptodate.last_run(root, uptodate.fingerprint(params, root, uri, args.stop_after))
         if last is not None:
             from distilflow.redact import redact
 
@@ -263,32 +273,45 @@ def _run(args) -> int:
 
 
 def _with_prefect(args, params, root: Path, uri: str) -> int:
+    from pydantic import SecretStr  # flows take the tracking URI as a secret: Prefect records it as ********
+
     if args.command == "pretrain":
         from flows.pretrain import pretrain
 
-        summary = pretrain(pretrain_params=params.pretrain, seed=params.seed, root=str(root), tracking_uri=uri)
+        summary = pretrain(
+            pretrain_params=params.pretrain, seed=params.seed, root=str(root), tracking_uri=SecretStr(uri)
+        )
         print(f"done: {summary['uri']} (version {summary['version']})")
         return 0
     if args.command in ("promote", "rollback"):
         from flows import registry as flows
 
         if args.command == "promote":
-            result = flows.promote(params=params, root=str(root), tracking_uri=uri, actor=args.by, version=args.version)
+            result = flows.promote(
+                params=params, root=str(root), tracking_uri=SecretStr(uri), actor=args.by, version=args.version
+            )
             print(f"{result['decision']}: {result['model']} v{result['version']} ({result['reasons']})")
         else:
-            flows.rollback(params=params, root=str(root), tracking_uri=uri, reason=args.reason, actor=args.by)
+            flows.rollback(
+                params=params, root=str(root), tracking_uri=SecretStr(uri), reason=args.reason, actor=args.by
+            )
         return 0
     from distilflow import uptodate
     from flows.pipeline import pipeline
 
     summary = pipeline(
-        params=params, root=str(root), tracking_uri=uri, stop_after=args.stop_after, overrides=args.overrides
+        params=params, root=str(root), tracking_uri=SecretStr(uri), stop_after=args.stop_after, overrides=args.overrides
     )
     from cli.dvc_sync import record_run_in_dvc
 
     _print_summary(summary, root, uri)
     print(record_run_in_dvc(params, root, args.overrides, args.stop_after))
-    uptodate.record_run(root, uptodate.fingerprint(params, root, uri, args.stop_after), summary["run_id"])
+    uptodate.record_run(
+        root,
+        uptodate.fingerprint(params, root, uri, args.stop_after),
+        summary["run_id"],
+        uptodate.fingerprint(params, root, uri, args.stop_after, content=True),
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from distilflow.errors import DistilflowError
 from distilflow.hashing import params_hash, path_hash, text_hash
+from distilflow.inputs import manifest_images, runtime_versions
 
 _PROJECT_PACKAGES = ("distilflow", "tasks", "flows")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,10 @@ def stage_cache_key(stage, context, parameters: dict[str, Any]) -> str:
     Outputs count by path only (so two projects never share an entry), never
     by content: a stage's own outputs must not change its key.
     """
-    parts = [stage.name, _source_hash(str(_ROOT / stage.module))]
+    parts = [stage.name, _source_hash(str(_ROOT / stage.module)), repr(sorted(runtime_versions().items()))]
+    if stage.name == "ingest":  # a manifest's images are data too, not only the CSV that names them
+        source, data = parameters["source"], parameters["data"]
+        parts += [f"image:{digest(p)}" for p in manifest_images(source, data.path_column)]
     for name, value in sorted(parameters.items()):
         if name in stage.deps or name in stage.params:
             parts.append(f"{name}={digest(value)}")

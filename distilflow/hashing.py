@@ -31,7 +31,8 @@ def _memo_md5(path: Path) -> str:
     matches a remembered key.
     """
     st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    # ctime too: writing a file in place and putting its mtime back still moves its ctime
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _MD5_MEMO:
         _MD5_MEMO[key] = file_md5(path)
     return _MD5_MEMO[key]

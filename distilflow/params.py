@@ -30,6 +30,7 @@ class DataParams(Section):
     source: str = "data/raw/digits.csv"
     label_column: str = "label"
     path_column: str = "path"
+    separator: str = ","  # of a CSV source; `distilflow add-data` writes what it detects
     image_shape: tuple[int, int, int] | None = (8, 8, 1)
     value_range: tuple[float, float] | None = (0.0, 16.0)
     classes: list[Label] | None = None
@@ -60,6 +61,8 @@ class CleanParams(Section):
     drop_duplicates: bool = True
     conflicting_labels: Literal["majority", "drop"] = "majority"
     rare_classes: Literal["drop", "fail"] = "drop"
+    # with data.classes unset, a tiny class one edit from a big one (benigh / benign) stops the run
+    similar_labels: Literal["fail", "keep"] = "fail"
     min_samples_per_class: int = Field(default=0, ge=0)
 
 

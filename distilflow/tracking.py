@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilflow.errors import DistilflowError
+from distilflow.redact import redact
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "distilflow.stage"
@@ -134,7 +135,7 @@ def wait_for_server(uri: str, attempts: int = 3, backoff_s: float = 1.0) -> None
         if attempt + 1 < attempts:
             time.sleep(backoff_s * 2**attempt)
     raise DistilflowError(
-        f"MLflow tracking server {uri} is unreachable after {attempts} attempts ({error}): "
+        f"MLflow tracking server {redact(uri)} is unreachable after {attempts} attempts ({error}): "
         "start it, or unset MLFLOW_TRACKING_URI to use the embedded store"
     )
 
@@ -200,9 +201,11 @@ class Run:
 class Tracker:
     """Opens the store once and hands out parent and child runs."""
 
-    def __init__(self, uri: str, root: Path):
+    def __init__(self, uri, root: Path):
+        """`uri` may be a pydantic SecretStr (what flows take, so Prefect stores it as ********)."""
         from mlflow.tracking import MlflowClient
 
+        uri = uri.get_secret_value() if hasattr(uri, "get_secret_value") else uri
         self.uri = uri
         self.root = Path(root)
         if uri.startswith(("http://", "https://")):
@@ -210,7 +213,9 @@ class Tracker:
         try:
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         except Exception as exc:
-            raise DistilflowError(f"MLflow tracking store {uri!r} could not be opened: {exc}") from None
+            raise DistilflowError(
+                f"MLflow tracking store {redact(uri)!r} could not be opened: {redact(str(exc).splitlines()[0])}"
+            ) from None
 
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created (classic ML view) if it does not exist."""
@@ -224,7 +229,7 @@ class Tracker:
             raise
         except Exception as exc:
             raise DistilflowError(
-                f"MLflow tracking store {self.uri!r} is unusable: {str(exc).splitlines()[0]}"
+                f"MLflow tracking store {redact(self.uri)!r} is unusable: {redact(str(exc).splitlines()[0])}"
             ) from None
 
     @contextmanager
@@ -275,7 +280,7 @@ class Tracker:
 
         mv = self.model_version(models_uri)
         if mv is None:
-            raise DistilflowError(f"{models_uri}: no such registered model version in {self.uri}")
+            raise DistilflowError(f"{models_uri}: no such registered model version in {redact(self.uri)}")
         # always a copy: with no dst, a local store hands out its own folder, where loaders then write files
         dst = dst or tempfile.mkdtemp(prefix="distilflow-model-")
         try:

@@ -28,7 +28,8 @@ import os
 import time
 from pathlib import Path
 
-from distilflow.hashing import params_hash
+from distilflow.hashing import file_md5, params_hash
+from distilflow.inputs import manifest_images, runtime_versions
 from distilflow.io import write_json
 from distilflow.layout import Layout
 from distilflow.stages import stages_for
@@ -38,18 +39,24 @@ SOURCE = Path(__file__).resolve().parents[1]
 SOURCE_PACKAGES = ("distilflow", "tasks", "tasks/registry", "flows", "cli")
 
 
-def _stats(path: Path) -> list:
-    """[path, size, mtime_ns] of a file, or of every file below a folder; a missing path is one entry too."""
+def _stats(path: Path, content: bool = False) -> list:
+    """[path, size, mtime_ns] (or [path, md5] with `content`) of a file, or of every file below a folder;
+    a missing path is one entry too."""
     if path.is_file():
+        if content:
+            return [[str(path), file_md5(path)]]
         st = path.stat()
         return [[str(path), st.st_size, st.st_mtime_ns]]
     if not path.is_dir():
         return [[str(path), None, None]]
-    return [entry for p in sorted(path.rglob("*")) if p.is_file() for entry in _stats(p)]
+    return [entry for p in sorted(path.rglob("*")) if p.is_file() for entry in _stats(p, content)]
 
 
-def fingerprint(params, root: Path, tracking_uri: str, stop_after: str | None) -> str | None:
-    """What the last complete run must have seen for this one to be a no-op; None where that cannot be known."""
+def fingerprint(params, root: Path, tracking_uri: str, stop_after: str | None, content: bool = False) -> str | None:
+    """What the last complete run must have seen for this one to be a no-op; None where that cannot be known.
+
+    Files count by size and modification time, or with `content` (`run --check`) by their bytes' hash.
+    """
     if not tracking_uri.startswith("sqlite:///"):
         return None
     layout = Layout(root)
@@ -57,20 +64,22 @@ def fingerprint(params, root: Path, tracking_uri: str, stop_after: str | None) -
     outputs = [layout.path(name) for stage in stages_for(params, stop_after) for name in stage.outs.values()]
     if stop_after is None and params.registry.enabled:
         outputs.append(layout.path("model_card"))
-    files = [layout.resolve(params.data.source), store, layout.root / "mlartifacts"]
+    source = layout.resolve(params.data.source)
+    files = [source, *manifest_images(source, params.data.path_column), store, layout.root / "mlartifacts"]
     state = {
         "params": params.model_dump(mode="json"),
         "stop_after": stop_after,
         "tracking_uri": tracking_uri,
         "prefect_api_url": os.environ.get("PREFECT_API_URL", ""),
         "source": [e for pkg in SOURCE_PACKAGES for p in sorted((SOURCE / pkg).glob("*.py")) for e in _stats(p)],
-        "files": [e for p in files + outputs for e in _stats(p)],
+        "files": [e for p in files + outputs for e in _stats(p, content)],
+        "versions": runtime_versions(),
     }
     return params_hash(state)
 
 
-def last_run(root: Path, current: str | None) -> dict | None:
-    """The last complete run's record when its fingerprint is `current`, else None."""
+def last_run(root: Path, current: str | None, key: str = "fingerprint") -> dict | None:
+    """The last complete run's record when its fingerprint (or `key`: "content") is `current`, else None."""
     path = Path(root) / STAMP
     if current is None or not path.is_file():
         return None
@@ -78,15 +87,14 @@ def last_run(root: Path, current: str | None) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("fingerprint") == current else None
+    return record if record.get(key) == current else None
 
 
-def record_run(root: Path, current: str | None, run_id: str) -> None:
+def record_run(root: Path, current: str | None, run_id: str, content: str | None = None) -> None:
     """Remember a complete run (after it finished writing, so its own outputs are in the fingerprint)."""
     path = Path(root) / STAMP
     if current is None:
         path.unlink(missing_ok=True)
         return
-    write_json(
-        {"fingerprint": current, "run_id": run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, path
-    )
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json({"fingerprint": current, "content": content, "run_id": run_id, "at": at}, path)

@@ -25,6 +25,7 @@ from distilflow.hashing import params_hash, path_hash
 from distilflow.io import atomic_dir
 from distilflow.params import BackboneParams, PretrainParams
 from distilflow.records import StageResult
+from tasks.backbones import split_hf_ref
 
 SOURCE = "source.json"
 
@@ -42,6 +43,9 @@ def _record(spec: BackboneParams, tracker) -> tuple[dict, Path | None]:
         return {"spec": spec.spec, "resolved": f"models:/{mv.name}/{mv.version}", "run_id": mv.run_id}, local
     if kind in ("file", "hf") and Path(ref).exists():
         return {"spec": spec.spec, "resolved": str(Path(ref).resolve()), "content_md5": path_hash(Path(ref))}, None
+    if kind == "hf":  # a hub id: its identity is the revision it is pinned to (`hf:org/name@rev`), if any
+        repo, revision = split_hf_ref(ref)
+        return {"spec": spec.spec, "repo": repo, "revision": revision or "unpinned (write hf:<id>@<revision>)"}, None
     return {"spec": spec.spec}, None
 
 
@@ -77,6 +81,10 @@ def ensure_pretrained(spec: BackboneParams, pretrain: PretrainParams, seed: int,
         return
     mv = tracker.model_version(ref)
     if mv is None or mv.tags.get("pretrain_fingerprint") != pretrain_fingerprint(pretrain, seed):
+        from pydantic import SecretStr
+
         from flows.pretrain import pretrain as pretrain_flow
 
-        pretrain_flow(pretrain_params=pretrain, seed=seed, root=root or str(tracker.root), tracking_uri=tracker.uri)
+        pretrain_flow(
+            pretrain_params=pretrain, seed=seed, root=root or str(tracker.root), tracking_uri=SecretStr(tracker.uri)
+        )  # Prefect stores a SecretStr parameter as ********

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
 from distilflow.errors import DistilflowError
 from distilflow.params import Params, load_params
@@ -39,7 +40,7 @@ def scheduled_pipeline(
     from flows.pipeline import pipeline
 
     params, root, uri = _load(params_file, overrides)
-    return pipeline(params=params, root=str(root), tracking_uri=uri, stop_after=stop_after)
+    return pipeline(params=params, root=str(root), tracking_uri=SecretStr(uri), stop_after=stop_after)
 
 
 @flow(name="distilflow-scheduled-promote", log_prints=True)
@@ -51,7 +52,7 @@ def scheduled_promote(params_file: str = "params.yaml", overrides: list[str] | N
 
     params, root, uri = _load(params_file, overrides)
     try:
-        return promote(params=params, root=str(root), tracking_uri=uri, actor="schedule:promote")
+        return promote(params=params, root=str(root), tracking_uri=SecretStr(uri), actor="schedule:promote")
     except (
         NoChallenger,
         UnknownModel,

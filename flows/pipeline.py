@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from prefect import flow
+from pydantic import SecretStr
 
 from distilflow.io import restored_on_failure
 from distilflow.layout import Layout
@@ -41,7 +42,11 @@ def register(params: Params, layout: Layout, tracker: Tracker, parent, lineage: 
 
 @flow(name="distilflow-pipeline", log_prints=True)
 def pipeline(
-    params: Params, root: str, tracking_uri: str, stop_after: str | None = None, overrides: list[str] | None = None
+    params: Params,
+    root: str,
+    tracking_uri: str | SecretStr,
+    stop_after: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Run every stage the params switch on, or those up to and including `stop_after` (e.g. "normalize").
 
@@ -70,7 +75,7 @@ def pipeline(
 
 
 def _pipeline(
-    params: Params, layout: Layout, tracking_uri: str, stop_after: str | None, overrides: list[str] | None
+    params: Params, layout: Layout, tracking_uri: str | SecretStr, stop_after: str | None, overrides: list[str] | None
 ) -> dict:
     from tasks.registry.recovery import kill_dead_runs
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow
+from pydantic import SecretStr
 
 from distilflow.layout import Layout
 from distilflow.params import PretrainParams
@@ -21,7 +22,7 @@ ALIAS = "pretrained"
 
 
 @flow(name="distilflow-pretrain", log_prints=True)
-def pretrain(pretrain_params: PretrainParams, seed: int, root: str, tracking_uri: str) -> dict:
+def pretrain(pretrain_params: PretrainParams, seed: int, root: str, tracking_uri: str | SecretStr) -> dict:
     """Train the backbone on MNIST (cached by content) and register it as `<registered_model>@pretrained`."""
     from distilflow.params import Params
     from tasks.registry.registration import Variant, register_variants

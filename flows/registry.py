@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from prefect import flow
+from pydantic import SecretStr
 
 from distilflow.errors import DistilflowError
 from distilflow.layout import Layout
@@ -103,7 +104,9 @@ def _prefect_slot(name: str, model: str, timeout_s: float) -> Iterator[None]:
 
 
 @flow(name="distilflow-promote", log_prints=True)
-def promote(params: Params, root: str, tracking_uri: str, actor: str | None = None, version: str | None = None) -> dict:
+def promote(
+    params: Params, root: str, tracking_uri: str | SecretStr, actor: str | None = None, version: str | None = None
+) -> dict:
     """Gate `challenger` against `champion` on the frozen test split; move the aliases on a pass.
 
     Two tasks, so the Prefect UI shows each step: decide (re-score, gates)
@@ -142,7 +145,7 @@ def _artifact_key(model: str) -> str:
 
 
 @flow(name="distilflow-rollback", log_prints=True)
-def rollback(params: Params, root: str, tracking_uri: str, reason: str, actor: str | None = None) -> dict:
+def rollback(params: Params, root: str, tracking_uri: str | SecretStr, reason: str, actor: str | None = None) -> dict:
     """Restore `previous-champion` as `champion`."""
     tracker = Tracker(tracking_uri, Path(root))
     model = params.registered_model()
@@ -154,7 +157,9 @@ def rollback(params: Params, root: str, tracking_uri: str, reason: str, actor: s
 
 
 @flow(name="distilflow-score", log_prints=True)
-def score(params: Params, root: str, tracking_uri: str, source: str, out: str, model_uri: str | None = None) -> dict:
+def score(
+    params: Params, root: str, tracking_uri: str | SecretStr, source: str, out: str, model_uri: str | None = None
+) -> dict:
     """Batch scoring: a CSV of raw rows through the champion (or `model_uri`), predictions to `out`."""
     tracker = Tracker(tracking_uri, Path(root))
     uri = model_uri or f"models:/{params.registered_model()}@{CHAMPION}"

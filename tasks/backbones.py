@@ -215,14 +215,23 @@ def _transfer(
     return model, arch
 
 
+def split_hf_ref(ref: str) -> tuple[str, str | None]:
+    """`org/name@rev` → ("org/name", "rev"); a local directory or an unpinned id → (ref, None)."""
+    if Path(ref).exists() or "@" not in ref:
+        return ref, None
+    repo, _, revision = ref.rpartition("@")
+    return repo, revision or None
+
+
 def _load_hf(ref: str, bp: BackboneParams, image_shape, n_features: int, num_classes: int) -> tuple[Classifier, dict]:
     from transformers import AutoConfig, AutoModel
 
     if image_shape is None:
         raise DistilflowError(f"backbone hf:{ref} needs image data: set data.image_shape")
+    repo, revision = split_hf_ref(ref)
     try:
-        config = AutoConfig.from_pretrained(ref)
-        body = AutoModel.from_pretrained(ref, use_safetensors=None)
+        config = AutoConfig.from_pretrained(repo, revision=revision)
+        body = AutoModel.from_pretrained(repo, revision=revision, use_safetensors=None)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistilflowError(

@@ -56,11 +56,23 @@ def export_digits(path: str | Path) -> Path:
     return Path(path)
 
 
-def _read_any(path: Path) -> pd.DataFrame:
+def sniff_separator(path: Path) -> str | None:
+    """The field separator a CSV's first lines suggest (`,` `;` tab `|`), or None."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            sample = handle.read(64 * 1024)
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _read_any(path: Path, separator: str = ",") -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path)
+        if suffix == ".csv":  # utf-8-sig: a byte-order mark (Excel's) is not part of the first column's name
+            return pd.read_csv(path, sep=separator, encoding="utf-8-sig")
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
@@ -111,8 +123,16 @@ def read_raw(source: str | Path, data: DataParams) -> pd.DataFrame:
         raise DistilflowError(f"data.source not found: {path}")
     if not path.is_file():
         raise DistilflowError(f"data.source is not a file: {path}")
-    df = _read_any(path)
+    df = _read_any(path, data.separator)
     if data.label_column not in df.columns:
+        sniffed = sniff_separator(path) if path.suffix.lower() == ".csv" else None
+        if sniffed and sniffed != data.separator:
+            shown = {"\t": "tab"}.get(sniffed, repr(sniffed))
+            raise DistilflowError(
+                f"label column '{data.label_column}' not found in {path}: the file looks {shown}-separated, not "
+                f"{data.separator!r} (its header reads as {len(df.columns)} column(s)); set data.separator: "
+                f"{sniffed!r}"
+            )
         cols = ", ".join(map(str, df.columns[:8])) + (", ..." if len(df.columns) > 8 else "")
         raise DistilflowError(
             f"label column '{data.label_column}' not found in {path} (columns: {cols}); set data.label_column"
@@ -255,6 +275,8 @@ def clean_table(
         dropped["duplicates"] = int(dup.sum())
         rows, y = rows[~dup], y[~dup]
 
+    if classes is None and clean.similar_labels == "fail":
+        _refuse_typo_classes(pd.Series(y).value_counts())
     need = max(min_per_class, clean.min_samples_per_class)
     counts = pd.Series(y).value_counts()
     rare = counts[counts < need]
@@ -290,6 +312,29 @@ def clean_table(
         "class_counts": {str(k): int(v) for k, v in out[LABEL].value_counts().sort_index().items()},
     }
     return out, report
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether one insertion, deletion or substitution turns `a` into `b` (case already folded)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+
+
+def _refuse_typo_classes(counts: pd.Series) -> None:
+    """A tiny text class one edit away from a big one (`benigh` beside `benign`) is a typo, not a class."""
+    labels = [(str(k), int(v)) for k, v in counts.items() if isinstance(k, str)]
+    for small, n_small in labels:
+        for big, n_big in labels:
+            if n_big >= 10 * n_small and one_edit_apart(small, big):
+                raise DistilflowError(
+                    f"label '{small}' ({n_small} rows) is one edit away from '{big}' ({n_big} rows): a typo? Set "
+                    "data.classes to the intended labels (then typos count as invalid labels), or set "
+                    "clean.similar_labels: keep if both are real classes"
+                )
 
 
 def _nonzero(counts: dict) -> str:

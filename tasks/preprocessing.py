@@ -46,6 +46,22 @@ def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def _statistics(method: str, X: np.ndarray, image_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (shift, scale) of a normalization method."""
+    if method == "standard":
+        return X.mean(axis=0), _by_column_blocks(np.std, X)
+    elif method == "minmax":
+        return X.min(axis=0), X.max(axis=0) - X.min(axis=0)
+    elif method == "per_channel":
+        c = image_shape[2]
+        per_channel = X.reshape(len(X), -1, c)
+        mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
+        return np.tile(mean, X.shape[1] // c), np.tile(std, X.shape[1] // c)
+    elif method == "none":
+        return np.zeros(X.shape[1]), np.ones(X.shape[1])
+    raise DistilflowError(f"normalize.method: unknown method {method!r} (allowed: standard, minmax, per_channel, none)")
+
+
 def _by_column_blocks(stat, X: np.ndarray, block: int = 16) -> np.ndarray:
     """`stat(X, axis=0)` a few columns at a time: numpy's median and std copy the whole of X first."""
     if X.shape[1] == 0:
@@ -75,21 +91,8 @@ def fit_normalizer(
     impute = np.where(np.isfinite(impute), impute, 0.0)
     np.copyto(X, np.broadcast_to(impute, X.shape), where=missing)
     del missing
-    if method == "standard":
-        shift, scale = X.mean(axis=0), _by_column_blocks(np.std, X)
-    elif method == "minmax":
-        shift, scale = X.min(axis=0), X.max(axis=0) - X.min(axis=0)
-    elif method == "per_channel":
-        c = image_shape[2]
-        per_channel = X.reshape(len(X), -1, c)
-        mean, std = per_channel.mean(axis=(0, 1)), per_channel.std(axis=(0, 1))
-        shift, scale = np.tile(mean, X.shape[1] // c), np.tile(std, X.shape[1] // c)
-    elif method == "none":
-        shift, scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
-    else:
-        raise DistilflowError(
-            f"normalize.method: unknown method {method!r} (allowed: standard, minmax, per_channel, none)"
-        )
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing statistics are refused just below
+        shift, scale = _statistics(method, X, image_shape)
     scale = np.where(scale > 0, scale, 1.0)  # constant features (digits' blank corners) pass through centred
     bad = [
         f

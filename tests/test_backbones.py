@@ -192,3 +192,19 @@ def test_other_hf_vision_families(tmp_path, family):
     model, _ = load_backbone(BackboneParams(spec=f"hf:{tmp_path / family}", input_size=(32, 32)), SHAPE, 64, 4)
     assert model(torch.randn(2, 64)).shape == (2, 4)
     assert len(model.blocks) >= 3  # a stem and at least two stages/layers to unfreeze
+
+
+def test_hub_ids_are_pinned_by_revision_and_an_unpinned_one_says_so(tmp_path):
+    from distilflow.params import PretrainParams
+    from flows.backbone import backbone_stage
+    from tasks.backbones import split_hf_ref
+
+    assert split_hf_ref("microsoft/resnet-18@a1b2c3") == ("microsoft/resnet-18", "a1b2c3")
+    assert split_hf_ref("microsoft/resnet-18") == ("microsoft/resnet-18", None)
+    local = tmp_path / "weights@v2"
+    local.mkdir()
+    assert split_hf_ref(str(local)) == (str(local), None)  # a local directory is its own identity
+    pinned = backbone_stage(tmp_path / "bb1", BackboneParams(spec="hf:org/model@rev7"), PretrainParams(), 0).info
+    assert pinned == {"spec": "hf:org/model@rev7", "repo": "org/model", "revision": "rev7"}
+    loose = backbone_stage(tmp_path / "bb2", BackboneParams(spec="hf:org/model"), PretrainParams(), 0).info
+    assert loose["revision"].startswith("unpinned")

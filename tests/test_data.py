@@ -267,3 +267,27 @@ def test_the_served_preprocessing_clips_to_the_value_range_as_cleaning_did():
     raw = pd.DataFrame({"f0": [250.0, -7.0], "f1": [2.0, 2.0]})
     clipped = pd.DataFrame({"f0": [10.0, 0.0], "f1": [2.0, 2.0]})
     np.testing.assert_array_equal(apply_normalizer(pre, raw), apply_normalizer(pre, clipped))
+
+
+def test_a_tiny_label_one_edit_from_a_big_one_is_flagged_as_a_typo():
+    rows = [("benign", 0.1 * i, 1.0) for i in range(30)] + [("malignant", 5 + 0.1 * i, 2.0) for i in range(20)]
+    rows += [("benigh", 3.3, 3.3), ("benigh", 3.4, 3.4)]
+    data = DataParams(image_shape=None, value_range=None, classes=None)
+    with pytest.raises(DistilflowError, match=r"label 'benigh' \(2 rows\) is one edit away from 'benign' \(30 rows\)"):
+        run_clean(rows, data=data)
+    out, _ = run_clean(rows, data=data, similar_labels="keep")
+    assert set(out[LABEL]) == {"benign", "malignant", "benigh"}
+    # with the classes given, the typo is an invalid label, counted and dropped
+    out, rep = run_clean(rows, data=data.model_copy(update={"classes": ["benign", "malignant"]}))
+    assert rep["dropped"]["invalid_label"] == 2
+
+
+def test_a_semicolon_csv_gets_an_error_naming_the_separator(tmp_path):
+    from tasks.data import read_raw
+
+    path = tmp_path / "t.csv"
+    path.write_bytes("\ufefflabel;a;b\n0;1;2\n1;3;4\n".encode())  # with Excel's byte-order mark
+    with pytest.raises(DistilflowError, match=r"looks ';'-separated.*set data.separator: ';'"):
+        read_raw(path, DataParams(source=str(path), image_shape=None, value_range=None))
+    table = read_raw(path, DataParams(source=str(path), image_shape=None, value_range=None, separator=";"))
+    assert list(table.columns) == ["label", "a", "b"]  # the BOM is not part of the first column's name

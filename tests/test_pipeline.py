@@ -166,6 +166,17 @@ def test_an_unchanged_rerun_through_the_cli_is_answered_before_the_flow_starts(p
         assert sum(_runs_by_status(project).values()) - before == 1 + len(ran), i
     assert main(args + ["--set", "split.test_seed=7"]) == 0 and capfd.readouterr().out.startswith("up to date")
 
+    # an output overwritten in place with the same size and modification time: only --check sees it
+    pre = Layout(project).preprocessor
+    st, text = pre.stat(), pre.read_text()
+    pre.write_text(text.replace("0", "1", 1))
+    os.utime(pre, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seven = ["--set", "split.test_seed=7"]
+    assert main(args + seven) == 0 and capfd.readouterr().out.startswith("up to date")
+    assert main(args + seven + ["--check"]) == 0
+    out = capfd.readouterr().out
+    assert "done: MLflow run" in out and "normalize=ran" in out  # the changed file was not trusted
+
 
 def test_malformed_params_in_a_fresh_process(project):
     (project / "params.yaml").write_text("split:\n  train: [0.7\n")
@@ -301,9 +312,14 @@ def test_the_prefect_graph_has_one_task_run_per_stage_named_after_it_with_the_da
     for section, values in QUICK.items():
         edit_params(project, **{section: values})
     params = load_params(project / "params.yaml")
-    summary = pipeline(params=params, root=str(project), tracking_uri=default_tracking_uri(project))
+    from prefect.client.orchestration import get_client
+    from pydantic import SecretStr
+
+    summary = pipeline(params=params, root=str(project), tracking_uri=SecretStr(default_tracking_uri(project)))
     parent = MlflowClient(default_tracking_uri(project)).get_run(summary["run_id"])
     edges = _task_runs(parent.data.tags["prefect.flow_run_id"])
+    with get_client(sync_client=True) as client:  # a tracking URI may hold a password: never stored in Prefect
+        assert client.read_flow_run(parent.data.tags["prefect.flow_run_id"]).parameters["tracking_uri"] == "*" * 10
     assert edges == {
         "ingest": [],
         "clean": ["ingest"],

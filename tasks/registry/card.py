@@ -52,6 +52,15 @@ def model_card(
         "- splits (stratified, content-addressed; test frozen): "
         + ", ".join(f"{k} {v} rows (`{split['hashes'][k]}`)" for k, v in split["sizes"].items()),
         f"- git commit `{lineage.get('git_commit', 'unknown')}`, params hash `{lineage.get('params_hash')}`",
+        *(
+            [
+                "",
+                f"**Classes dropped, too few rows to stratify (class: rows): {cleaning['rare_classes_dropped']}. "
+                "This model never predicts them; it is not a drop-in replacement for one that does.**",
+            ]
+            if cleaning.get("rare_classes_dropped")
+            else []
+        ),
         "",
         "## Cleaning",
         "",

@@ -11,15 +11,26 @@ from distilflow.io import read_table
 
 PROJECT = Path(__file__).resolve().parents[2]
 # What the served model imports (tasks/serving.py and what it loads), pinned to this environment's versions.
-SERVING_PACKAGES = ("mlflow", "numpy", "pandas", "torch", "onnxruntime", "safetensors", "pydantic", "pyyaml")
+# What the served model's code imports (tasks/serving.py, tasks/inference.py, tasks/preprocessing.py, the
+# distilflow core they use), pinned to this environment's versions; tests/test_serving.py installs them into a
+# fresh venv and loads the model.
+SERVING_PACKAGES = ("mlflow", "numpy", "pandas", "pyarrow", "torch", "onnxruntime", "safetensors", "pydantic", "pyyaml")
 
 
-def pip_requirements() -> list[str]:
-    """The served model's requirements, pinned to this environment's versions."""
+def pip_requirements(classifier: Path | None = None) -> list[str]:
+    """The served model's requirements, pinned to this environment's versions.
+
+    A model built on a transformers backbone (`arch.json` kind `hf`) needs transformers to rebuild it.
+    """
+    import json
     from importlib.metadata import PackageNotFoundError, version
 
+    packages = list(SERVING_PACKAGES)
+    arch = Path(classifier) / "arch.json" if classifier is not None else None
+    if arch is not None and arch.is_file() and json.loads(arch.read_text()).get("kind") == "hf":
+        packages.append("transformers")
     pins = []
-    for pkg in SERVING_PACKAGES:
+    for pkg in packages:
         try:
             pins.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -79,7 +90,7 @@ def save_served_model(
         artifacts=artifacts,
         signature=signature,
         input_example=input_example,
-        pip_requirements=pip_requirements(),
+        pip_requirements=pip_requirements(classifier),
         code_paths=[str(PROJECT / "tasks"), str(PROJECT / "distilflow")],
     )
     if card:

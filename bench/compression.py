@@ -263,7 +263,10 @@ def _same_model_targets(name: str, rows: dict, model: str, ratios: dict, size_no
 
 
 def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:
-    """A setting from a pipeline project's artifacts (teacher/, student/, student.int8.onnx)."""
+    """A setting from a pipeline project's artifacts: the teacher, the KD student and its int8 candidate, plus
+    the product the select stage shipped and the KD gain with all labels (where distillation must earn its keep
+    like Hinton's setup, not only at low label budgets where the student also learns from unlabelled rows)."""
+    from distilflow.io import read_json
     from distilflow.layout import Layout
     from tasks.backbones import load_classifier
     from tasks.dataset import load_splits
@@ -273,9 +276,9 @@ def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:
     pre, data = load_splits(layout.train, layout.val, layout.test, layout.preprocessor)
     teacher, _ = load_classifier(layout.teacher, len(pre["classes"]))
     student, _ = load_classifier(layout.student, len(pre["classes"]))
-    int8 = int8_file(layout.student_int8) if layout.student_int8.is_dir() else None
+    int8 = int8_file(layout.candidates / "student.int8") if (layout.candidates / "student.int8").is_dir() else None
     teacher_int8 = int8_file(layout.teacher_int8) if layout.teacher_int8.is_dir() else None
-    return compare(
+    record = compare(
         name,
         teacher.eval(),
         student.eval(),
@@ -285,3 +288,37 @@ def from_layout(name: str, root: Path, workdir: Path, **kw) -> dict:
         teacher_int8_path=teacher_int8 if teacher_int8 and teacher_int8.suffix == ".onnx" else None,
         **kw,
     )
+    if layout.selection.is_file():
+        selection = read_json(layout.selection)
+        record["selection"] = {"pick": selection["pick"], "reason": selection["reason"]}
+        if selection["pick"]:
+            teacher_acc = next(
+                r["accuracy"] for r in read_json(layout.compression_json) if r["variant"] == "teacher fp32"
+            )
+            record["targets"].append(
+                check(
+                    f"compression.{name}.product_drop",
+                    f"{name}: teacher fp32 → shipped product ({selection['pick']['variant']}), test accuracy drop",
+                    100 * (teacher_acc - selection["pick"]["test_accuracy"]),
+                    "<=",
+                    1.0,
+                    unit="pts",
+                    note="chosen on validation by select:, reported on test",
+                )
+            )
+    if layout.student_metrics.is_file():
+        gain = read_json(layout.student_metrics)["kd_gain"]["all"]
+        record["kd_all_labels"] = gain
+        record["targets"].append(
+            check(
+                f"compression.{name}.kd_gain_all_labels",
+                f"{name}: KD student − the same student without KD, all labels, test accuracy",
+                100 * gain["gain"],
+                ">=",
+                0.0,
+                unit="pts",
+                note=f"with KD {gain['kd']:.4f}, without {gain['no_kd']:.4f} (validation "
+                f"{gain.get('kd_val', float('nan')):.4f} / {gain.get('no_kd_val', float('nan')):.4f})",
+            )
+        )
+    return record

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Stopwatch, check, ratio, summarize
+from bench.common import Stopwatch, check, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CHANGE = "distill.temperature=2.0"  # the one-param change of the caching benchmark
@@ -338,8 +338,9 @@ def run(
 
     plain_wall = summarize([r["wall_s"] for r in plain_runs])
     prefect_wall = summarize([r["wall_s"] for r in prefect_runs])
-    overhead = ratio(prefect_wall, plain_wall)
-    overhead_cpu = ratio(summarize([r["cpu_s"] for r in prefect_runs]), summarize([r["cpu_s"] for r in plain_runs]))
+    # per pair, then the median over pairs (bench/README.md): a slow spell that spans a pair cancels out
+    overhead = summarize([p["wall_s"] / q["wall_s"] for p, q in zip(prefect_runs, plain_runs)])
+    overhead_cpu = summarize([p["cpu_s"] / q["cpu_s"] for p, q in zip(prefect_runs, plain_runs)])
     cold_cpu = summarize([r["cpu_s"] for r in prefect_runs])
 
     # the breakdown comes from the pair whose stage compute agrees best, i.e. the one a busy machine disturbed least

@@ -78,7 +78,8 @@ def test_pipeline_and_promotion_through_a_real_mlflow_server(prefect_api, projec
     mv = client.get_model_version(name, version)
     assert mv.tags["promotion.decision"] == "promoted" and mv.tags["promotion.by"] == "e2e"
     assert mv.tags["parent_run_id"] == summary["run_id"] and mv.tags["data_md5"] and mv.tags["split_hash.test"]
-    assert float(mv.tags["test_accuracy"]) > 0.5 and mv.source == f"runs:/{mv.run_id}/registered/{name}"
+    # QUICK (3 epochs, a from-scratch 16x3 teacher): the product scores ~0.95 on the 269 test rows
+    assert float(mv.tags["test_accuracy"]) >= 0.92 and mv.source == f"runs:/{mv.run_id}/registered/{name}"
     assert client.get_run(mv.run_id).info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     for ref in (f"{name}-teacher", f"{name}-student"):
         assert [v.version for v in client.search_model_versions(f"name = '{ref}'")] == ["1"]

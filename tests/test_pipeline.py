@@ -1,5 +1,6 @@
 """The flow on a real Prefect API with a real MLflow SQLite store."""
 
+import json
 import subprocess
 import sys
 
@@ -229,11 +230,14 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     assert {"model.safetensors", "arch.json"} <= {
         a.path.split("/")[-1] for a in client.list_artifacts(ft.info.run_id, "teacher")
     }
-    assert ft.data.metrics["test.accuracy"] > 0.5 and "recall.9" in {k.removeprefix("test.") for k in ft.data.metrics}
+    # TINY: 4 epochs from a 2-epoch MNIST backbone reach ~0.96 on the 269 test rows (deterministic on CPU)
+    assert ft.data.metrics["test.accuracy"] >= 0.93 and "recall.9" in {k.removeprefix("test.") for k in ft.data.metrics}
+    # the transfer check ran and was logged where a reviewer looks (its size is the bench's business: 2 epochs
+    # here leave both starts near chance; the demo's +0.59 at 5 labels/class is in bench/results)
     gain = parent.data.metrics
-    assert gain["transfer.gain.5_per_class"] == pytest.approx(
-        gain["transfer.pretrained.5_per_class"] - gain["transfer.scratch.5_per_class"]
-    )
+    report = json.loads((project / "reports/transfer_gain.json").read_text())["5"]
+    for key in ("pretrained", "scratch", "gain"):
+        assert gain[f"transfer.{key}.5_per_class"] == pytest.approx(report[key])
 
     # compression: distill → quantize → evaluate, every variant in one table
     assert [summary["stages"][s] for s in ("distill", "quantize", "evaluate", "select")] == ["ran"] * 4
@@ -286,7 +290,7 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     assert (int8 / "model.pt").is_file() and not (int8 / "model.onnx").exists()
     _, data = load_splits(layout.train, layout.val, layout.test, layout.preprocessor)
     row = evaluate_variant("student int8 (fx)", int8, *data["test"], threads=1, repeats=3)
-    assert row["accuracy"] > 0.5
+    assert row["accuracy"] >= 0.92  # the KD student's own ~0.95, less what int8 may cost
 
 
 def _task_runs(flow_run_id: str) -> dict:

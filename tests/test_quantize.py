@@ -106,48 +106,17 @@ def test_fallback_to_per_channel_when_per_tensor_weights_lose_accuracy(cnn, digi
     assert record["accuracy_drop"] <= 0.01 and path.is_file()
 
 
-def test_a_tiny_budget_triggers_the_fallback_on_a_normal_model(cnn, digits, tmp_path):
+def test_a_budget_the_configured_quantizer_meets_needs_no_remedy(cnn, digits, tmp_path):
+    """The fallback ladder runs only when needed. (When it is needed, the three tests around this one build
+    models where its outcome is known: per-channel fixes it, leaving one layer in fp32 fixes it, or nothing
+    does and it raises. A zero budget on a normal model was not such a case: whether a remedy meets it
+    depends on the CPU's int8 rounding, so it could only have asserted 'either outcome'.)"""
     X_tr, y_tr, X_va, y_va, _, _ = digits
     per_tensor = dict(per_channel=False, calibration_method="minmax", calibration_size=64)
-    loose_path, loose = quantize_int8(
-        cnn,
-        X_tr,
-        X_va,
-        y_va,
-        QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
-        tmp_path / "loose",
-        X_train=X_tr,
-        y_train=y_tr,
-    )
-    assert loose["remedy"] == "none" and len(loose["attempts"]) == 1
-    # Validate on the rows fp32 gets right by the thinnest margin: int8 can only flip them the wrong
-    # way, so plain int8 misses a zero budget whatever the CPU's int8 kernels round to.
-    X_all, y_all = np.concatenate([X_tr, X_va]), np.concatenate([y_tr, y_va])
-    with torch.no_grad():
-        logits = cnn(torch.as_tensor(X_all))
-    top2 = logits.topk(2, dim=1).values
-    margin = (top2[:, 0] - top2[:, 1]).numpy()
-    right = np.flatnonzero(logits.argmax(1).numpy() == y_all)
-    edge = right[np.argsort(margin[right])[:40]]
-    out = tmp_path / "tight.onnx"
-    try:
-        tight_path, tight = quantize_int8(
-            cnn,
-            X_tr,
-            X_all[edge],
-            y_all[edge],
-            QuantizeParams(max_accuracy_drop=0.0, **per_tensor),
-            tmp_path / "tight",
-            out_path=out,
-            X_train=X_tr,
-            y_train=y_tr,
-        )
-    except DistilflowError as exc:  # no remedy reached a zero drop: said so, and nothing written
-        assert "after trying: calibration, exclude_sensitive" in str(exc) and not out.exists()
-    else:
-        assert tight["attempts"][0]["accuracy_drop"] > 0.0  # the first try missed the zero budget...
-        assert tight["remedy"] != "none" and len(tight["attempts"]) >= 2  # ...so a remedy was tried
-        assert tight["accuracy_drop"] <= 0.0 and tight_path == out and out.is_file()
+    path, record = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
+                                 tmp_path / "loose", X_train=X_tr, y_train=y_tr)
+    assert record["remedy"] == "none" and len(record["attempts"]) == 1 and record["per_channel"] is False
+    assert record["accuracy_drop"] <= 0.05 and path.is_file()
 
 
 def test_fallback_excludes_the_sensitive_layer(cnn, digits, tmp_path):

@@ -436,7 +436,7 @@ def test_batch_scoring_writes_predictions_and_refuses_bad_input(trained, tmp_pat
     assert result["rows"] == 50 and list(out["id"]) == list(range(50))
     assert {"prediction", "prob_0", "prob_9", "label"} <= set(out.columns) and "px0" not in out.columns
     assert np.allclose(out[[f"prob_{c}" for c in range(10)]].sum(1), 1, atol=1e-5)
-    assert (out["prediction"] == out["label"]).mean() > 0.5
+    assert (out["prediction"] == out["label"]).mean() >= 0.88  # ~0.94 on these 50 rows (QUICK)
 
     raw.drop(columns=["px5"]).to_csv(tmp_path / "missing.csv", index=False)
     with pytest.raises(DistilflowError, match=r"missing the model's input columns: \['px5'\]"):
@@ -587,7 +587,7 @@ def test_rollback_audit_and_score_commands(trained, tmp_path):
     )
     assert scored.returncode == 0, scored.stderr
     pred = pd.read_csv(tmp_path / "pred.csv")
-    assert len(pred) == 40 and (pred["prediction"] == raw["label"]).mean() > 0.8
+    assert len(pred) == 40 and (pred["prediction"] == raw["label"]).mean() >= 0.85  # ~0.93 (QUICK)
     probs = pred[[c for c in pred.columns if c.startswith("prob_")]]
     assert probs.shape[1] == 10 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-slow test-all lint data serve-model repro push pull promote ui prefect-server worker serve bench
+.PHONY: install run search test test-slow test-all lint data serve-model repro push pull promote ui prefect-server worker serve bench
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ data: data/raw/digits.csv
 
 run: install data
 	$(PY) -m distilflow run $(ARGS)
+
+# an Optuna study over params.yaml's search.space; the pick is registered as @challenger (ARGS="--set ...")
+search: install data
+	$(PY) -m distilflow search $(ARGS)
 
 # `make test`: format, lint and import-layering checks, then every test but the long end-to-end ones
 # (< 10 min on 2 cores); CI (.ci/run) runs `make test` and `make test-slow`

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from distilflow.errors import DistilflowError
+from distilflow.errors import DistilflowError, quiet_user_error_tracebacks
 
 EPILOG = "Run `python -m distilflow COMMAND --help` for a command's options. Docs: README.md."
 
@@ -27,24 +27,6 @@ def _quiet_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-class _NoUserTracebacks(logging.Filter):
-    """Prefect logs task failures with their traceback; a user error (or Ctrl-C) needs only its one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (DistilflowError, KeyboardInterrupt)):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _install_log_filter() -> None:
-    flt = _NoUserTracebacks()
-    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs"):
-        logger = logging.getLogger(name)
-        logger.addFilter(flt)
-        for handler in logger.handlers:
-            handler.addFilter(flt)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,6 +162,17 @@ def _parser() -> argparse.ArgumentParser:
         ),
         None,
     )
+    with_params(
+        command(
+            "search",
+            "search for the best model within select:'s budget",
+            "An Optuna study over params.yaml's search.space: trials run the pipeline's own stages with "
+            "their params, in parallel (search.runner: local or dask), each tracked as a nested MLflow run; "
+            "the pick is registered as @challenger (a teacher search writes params.searched.yaml). "
+            "A killed search resumes where it stopped.",
+        ),
+        "search.n_trials=20",
+    )
     demo = command("demo-data", "write the demo data", "scikit-learn's digits as a raw CSV.")
     demo.add_argument("--out", default="data/raw/digits.csv", help="where (default: data/raw/digits.csv)")
     return parser
@@ -243,6 +236,10 @@ def _run(args) -> int:
         from flows.deployments import deploy_for_worker
 
         return deploy_for_worker(params, args.params)
+    if args.command == "search":  # space, scheduler and storage are checked before any API, run or trial starts
+        from flows.search import preflight, storage_url
+
+        preflight(params, storage_url(params, root))
     if args.command == "run" and not args.force:
         from distilflow import uptodate
 
@@ -260,7 +257,7 @@ def _run(args) -> int:
                 "`run --force` runs anyway"
             )
             return 0
-    _install_log_filter()
+    quiet_user_error_tracebacks()
     from cli.prefect_api import temporary_api
 
     if args.command == "serve":
@@ -295,6 +292,24 @@ def _with_prefect(args, params, root: Path, uri: str) -> int:
             flows.rollback(
                 params=params, root=str(root), tracking_uri=SecretStr(uri), reason=args.reason, actor=args.by
             )
+        return 0
+    if args.command == "search":
+        from distilflow.params import raw_params
+        from distilflow.redact import redact
+        from flows.search import print_summary, run_search, storage_url
+
+        storage = storage_url(params, root)
+        # the flow gets the URL as a secret; the params it records (Prefect, MLflow) keep it without its password
+        if params.search.storage:
+            params = params.with_values({"search.storage": redact(params.search.storage)})
+        summary = run_search(
+            params,
+            root=str(root),
+            tracking_uri=SecretStr(uri),
+            storage=SecretStr(storage),
+            raw_params=raw_params(args.params, args.overrides),
+        )
+        print_summary(summary, uri)
         return 0
     from distilflow import uptodate
     from flows.pipeline import pipeline

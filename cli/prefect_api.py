@@ -116,8 +116,24 @@ def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
                     "start one with `make prefect-server` and set PREFECT_API_URL"
                 )
             time.sleep(0.1)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+        # every thread and child process must see this API, or each starts a temporary server of its own:
+        # the environment for a search's trial processes (and the Dask workers it starts); the process-global
+        # settings for threads that copy no context (the process pool's log forwarder)
+        from prefect.context import SettingsContext, _temporary_global_settings_context
+
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with (
+                temporary_settings(updates={PREFECT_API_URL: url}),
+                _temporary_global_settings_context(SettingsContext.get()),
+            ):
+                yield url
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
     finally:
         _flush_logs()
         server.terminate()

@@ -249,6 +249,7 @@ class QuantizeParams(Section):
     qat: bool = False
     qat_epochs: int = Field(default=2, ge=1)
     qat_lr: float = Field(default=1e-4, gt=0)
+    teacher: bool = True  # also the teacher's int8, for the comparison table (the search's trials skip it)
 
 
 class EvaluateParams(Section):
@@ -343,6 +344,97 @@ class ScheduleParams(Section):
         return value
 
 
+class Dimension(Section):
+    """One dimension of the search space: `{int: [lo, hi]}`, `{float: [lo, hi]}` or `{choice: [a, b, ...]}`.
+
+    `log` samples a numeric range on a log scale; `step` quantizes it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    int_range: tuple[int, int] | None = Field(default=None, alias="int")
+    float_range: tuple[float, float] | None = Field(default=None, alias="float")
+    choice: list[Any] | None = None
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        given = [k for k, v in (("int", self.int_range), ("float", self.float_range), ("choice", self.choice)) if v]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of int: [lo, hi], float: [lo, hi] or choice: [...] (got {given or 'none'})"
+            )
+        bounds = self.int_range or self.float_range
+        if bounds is not None:
+            low, high = bounds
+            if low > high:
+                raise ValueError(f"bounds are inverted: low {low} > high {high}")
+            if self.log and low <= 0:
+                raise ValueError(f"log: true needs low > 0 (got {low})")
+            if self.log and self.step:
+                raise ValueError("log and step cannot be combined: give one")
+        elif self.log or self.step:
+            raise ValueError("log and step apply to int and float ranges, not to choice")
+        elif len(self.choice) != len({repr(c) for c in self.choice}):
+            raise ValueError(f"choice has repeated values: {self.choice}")
+        elif any(c is not None and not isinstance(c, (bool, int, float, str)) for c in self.choice):
+            raise ValueError(f"choice values must be numbers, strings, booleans or null (got {self.choice})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """int, float or choice."""
+        return "int" if self.int_range else "float" if self.float_range else "choice"
+
+    def values_to_check(self) -> list[Any]:
+        """The values the params schema must accept: both bounds, or every choice."""
+        return list(self.int_range or self.float_range or self.choice)
+
+
+class SearchParams(Section):
+    """`distilflow search`: an Optuna study over params paths (flows/search.py).
+
+    target: `student` searches the distill/prune/quantize/select keys on one
+    teacher; `teacher` searches the fine-tune (train.*) and writes the best
+    configuration as a params file a normal run can use.
+    objectives: `pareto` = validation accuracy (max) vs `select.objective`
+    (min), the front reported and the product chosen on it by `select:`;
+    `constrained` = `select.objective` (min) subject to `select.max_drop`.
+    (A teacher search maximizes validation accuracy.)
+    fixed: overrides every trial gets (keep trials lean: no KD-gain side runs).
+    storage: an Optuna RDB URL; default a SQLite file in `.distilflow/`; a
+    PostgreSQL URL lets several machines share one study.
+    runner: `local` = `workers` processes here, each pinned to
+    `threads_per_trial` torch threads; `dask` = the `dask.distributed`
+    scheduler at `dask_address` (prefect-dask's DaskTaskRunner).
+    """
+
+    target: Literal["student", "teacher"] = "student"
+    space: dict[str, Dimension] = {}
+    objectives: Literal["pareto", "constrained"] = "pareto"
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    n_trials: int = Field(default=12, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    pruner: Literal["median", "none"] = "median"
+    prune_warmup_epochs: int = Field(default=3, ge=0)
+    prune_startup_trials: int = Field(default=3, ge=1)
+    fixed: dict[str, Any] = {}
+    runner: Literal["local", "dask"] = "local"
+    workers: int = Field(default=2, ge=1)
+    threads_per_trial: int = Field(default=1, ge=1)
+    dask_address: str | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    reevaluate_top: int = Field(default=5, ge=1)  # front trials re-measured one at a time before the pick
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParams:
+        if self.runner == "dask" and not self.dask_address:
+            raise ValueError("search.runner=dask needs search.dask_address (e.g. tcp://scheduler:8786)")
+        return self
+
+
 class Params(Section):
     """Every tunable of a run: `params.yaml`, validated."""
 
@@ -364,6 +456,7 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
+    search: SearchParams = SearchParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -387,6 +480,13 @@ class Params(Section):
     def hash(self) -> str:
         """A short hash of every value (the run's params identity)."""
         return params_hash(self.model_dump(mode="json"))
+
+    def with_values(self, values: dict[str, Any], source: str = "overrides") -> Params:
+        """These params with `{dotted key: value}` set, validated again (a search trial's params)."""
+        over: dict = {}
+        for key, value in values.items():
+            _set_dotted(over, key, value)
+        return params_from_dict(_merge(self.model_dump(mode="json"), over), source)
 
     def get(self, key: str) -> Any:
         """The value at a dotted key (`distill.temperature`, `data`); a DistilflowError names an unknown one."""
@@ -430,7 +530,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise DistilflowError(f"--set {dotted}: '{part}' is not a section")
+            raise DistilflowError(f"{dotted}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -484,7 +584,11 @@ def read_params_file(path: str | Path) -> dict:
     return raw
 
 
+def raw_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """The params file with `--set` overrides applied, not yet validated (what a written params file keeps)."""
+    return _merge(read_params_file(path), parse_overrides(overrides or []))
+
+
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read, override (`--set a.b=v`) and validate the params: the one way in."""
-    raw = _merge(read_params_file(path), parse_overrides(overrides or []))
-    return params_from_dict(raw, source=str(path))
+    return params_from_dict(raw_params(path, overrides), source=str(path))

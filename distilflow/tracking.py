@@ -237,13 +237,7 @@ class Tracker:
         self, experiment: str, name: str, tags: dict[str, str] | None = None, parent: Run | None = None
     ) -> Iterator[Run]:
         """A run that ends FINISHED on success, FAILED on error, KILLED on Ctrl-C."""
-        exp_id = parent.experiment_id if parent else self.experiment_id(experiment)
-        all_tags = dict(tags or {})
-        if parent:
-            all_tags[PARENT_TAG] = parent.run_id
-        all_tags |= {"distilflow.host": socket.gethostname(), "distilflow.pid": str(os.getpid())}
-        mlrun = self.client.create_run(exp_id, run_name=name, tags=all_tags)
-        run = Run(self.client, mlrun.info.run_id, exp_id)
+        run = self.open(experiment, name, tags, parent)
         try:
             yield run
         except KeyboardInterrupt:
@@ -253,6 +247,38 @@ class Tracker:
             self.client.set_terminated(run.run_id, "FAILED")
             raise
         self.client.set_terminated(run.run_id, "FINISHED")
+
+    def open(self, experiment: str, name: str, tags: dict[str, str] | None = None, parent: Run | None = None) -> Run:
+        """A RUNNING run, owned by this process (its host and pid are tagged, for recovery after a crash).
+
+        `close` ends it; prefer `run`, which cannot forget to.
+        """
+        exp_id = parent.experiment_id if parent else self.experiment_id(experiment)
+        all_tags = dict(tags or {})
+        if parent:
+            all_tags[PARENT_TAG] = parent.run_id
+        all_tags |= {"distilflow.host": socket.gethostname(), "distilflow.pid": str(os.getpid())}
+        mlrun = self.client.create_run(exp_id, run_name=name, tags=all_tags)
+        return Run(self.client, mlrun.info.run_id, exp_id)
+
+    def reopen(self, run_id: str) -> Run | None:
+        """An ended run of this store RUNNING again and owned by this process (a resumed search); None if gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlrun = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        if mlrun.info.lifecycle_stage != "active":
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        run = Run(self.client, run_id, mlrun.info.experiment_id)
+        run.set_tags({"distilflow.host": socket.gethostname(), "distilflow.pid": str(os.getpid())})
+        return run
+
+    def close(self, run: Run, status: str = "FINISHED") -> None:
+        """End a run opened with `open` (FINISHED, FAILED or KILLED)."""
+        self.client.set_terminated(run.run_id, status)
 
     def model_version(self, models_uri: str):
         """`models:/name@alias` or `models:/name/version` → the ModelVersion, or None if absent."""

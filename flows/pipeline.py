@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import flow
 from pydantic import SecretStr
@@ -54,18 +56,7 @@ def pipeline(
     fails, every output is put back as it was before the run.
     """
     layout = Layout(root)
-    outputs = [layout.path(name) for stage in stages_for(params, stop_after) for name in stage.outs.values()]
-    with (
-        file_lock(
-            layout.root / RUN_LOCK,
-            params.run_lock.timeout_s,
-            f"project {layout.root}",
-            "another run",
-            "run_lock.on_busy / run_lock.timeout_s",
-            wait=params.run_lock.on_busy == "wait",
-        ),
-        restored_on_failure(outputs + [layout.path("model_card")], layout.root / ".distilflow"),
-    ):
+    with project_transaction(params, layout, stages_for(params, stop_after)):
         summary = _pipeline(params, layout, tracking_uri, stop_after, overrides)
     if summary.get("refused"):  # every output is kept and the runs are closed: say, in one line, why nothing ships
         from tasks.register import NotRegistered
@@ -83,22 +74,10 @@ def _pipeline(
     for run_id in kill_dead_runs(tracker):  # runs a crashed process left RUNNING (this machine's)
         print(f"recovered: marked MLflow run {run_id} KILLED (its process is gone)")
     lineage = lineage_tags(layout.root, params)
-    stages: dict[str, str] = {}
-    results, states = {}, {}
 
     with tracker.run(params.experiment_name(), run_name(params, overrides), tags=lineage) as parent:
         tracker.describe_parent(parent, params, overrides, stop_after, prefect_flow_run())
-        for stage in stages_for(params, stop_after):
-            runtime = {"tracker": tracker, "root": str(layout.root)} if stage.name == "backbone" else {}
-            wait_for = [states[name] for name in upstream(stage, params) if name in states]
-            result, cached, states[stage.name] = run_task(stage, params, layout, wait_for=wait_for, **runtime)
-            results[stage.name], stages[stage.name] = result, "cached" if cached else "ran"
-            tracker.record_stage(parent, stage.name, result, cached, lineage)
-            if stage.name == "ingest":
-                lineage["data_md5"] = result.tags["data_md5"]
-            if stage.name == "split":
-                tracker.log_dataset(parent, {s: layout.path(s) for s in SPLITS}, params.data.dataset_name)
-            print(f"{stage.name}: {stages[stage.name]}")
+        results, stages = run_stages(stages_for(params, stop_after), params, layout, tracker, parent, lineage)
         parent.set_tags(
             {
                 **lineage,
@@ -116,6 +95,44 @@ def _pipeline(
     if refused:
         summary["refused"] = results["select"].info["reason"]
     return summary
+
+
+@contextmanager
+def project_transaction(params: Params, layout: Layout, stages: list) -> Iterator[None]:
+    """The project's run lock (`run_lock`), and every output of `stages` put back as it was if the block fails."""
+    outputs = [layout.path(name) for stage in stages for name in stage.outs.values()]
+    with (
+        file_lock(
+            layout.root / RUN_LOCK,
+            params.run_lock.timeout_s,
+            f"project {layout.root}",
+            "another run",
+            "run_lock.on_busy / run_lock.timeout_s",
+            wait=params.run_lock.on_busy == "wait",
+        ),
+        restored_on_failure(outputs + [layout.path("model_card")], layout.root / ".distilflow"),
+    ):
+        yield
+
+
+def run_stages(stages: list, params: Params, layout: Layout, tracker: Tracker, parent, lineage: dict):
+    """Run `stages` in order as Prefect tasks (edges drawn), each recorded as a child run of `parent`.
+
+    Returns ({stage: StageResult}, {stage: "ran" | "cached"}); adds the data's md5 to `lineage`.
+    """
+    results, ran, states = {}, {}, {}
+    for stage in stages:
+        runtime = {"tracker": tracker, "root": str(layout.root)} if stage.name == "backbone" else {}
+        wait_for = [states[name] for name in upstream(stage, params) if name in states]
+        result, cached, states[stage.name] = run_task(stage, params, layout, wait_for=wait_for, **runtime)
+        results[stage.name], ran[stage.name] = result, "cached" if cached else "ran"
+        tracker.record_stage(parent, stage.name, result, cached, lineage)
+        if stage.name == "ingest":
+            lineage["data_md5"] = result.tags["data_md5"]
+        if stage.name == "split":
+            tracker.log_dataset(parent, {s: layout.path(s) for s in SPLITS}, params.data.dataset_name)
+        print(f"{stage.name}: {ran[stage.name]}")
+    return results, ran
 
 
 def prefect_flow_run() -> dict[str, str]:

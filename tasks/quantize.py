@@ -642,8 +642,8 @@ def quantize_stage(
                 _int8_into(
                     tmp, load_classifier(teacher, n)[0], Xtr, ytr, Xva, yva, cfg, seed, threads, Path(work) / "teacher"
                 )
-                if cfg.enabled
-                else {"error": "quantize.enabled=false"}
+                if cfg.enabled and cfg.teacher
+                else {"error": "quantize.enabled=false" if not cfg.enabled else "quantize.teacher=false"}
             )
     info = {"candidates": records, "teacher": teacher_record, "student": records.get("student.int8", {})}
     write_json(info, quantize_report)

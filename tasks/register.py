@@ -65,6 +65,9 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
     write_text(card, layout.model_card)
     run.log_artifact(layout.model_card)
     run.log_artifact(layout.selection)
+    for found_by in ("search.md", "search_pareto.png") if lineage.get("search.study") else ():
+        if (layout.reports / found_by).exists():  # what the card's "Found by search" links to
+            run.log_artifact(layout.reports / found_by)
     example = raw_example(layout.resolve(params.data.source), layout.split("test"), pre["feature_columns"])
     tags = {
         **{k: v for k, v in lineage.items() if not k.startswith("mlflow.")},

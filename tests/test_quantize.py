@@ -113,8 +113,16 @@ def test_a_budget_the_configured_quantizer_meets_needs_no_remedy(cnn, digits, tm
     depends on the CPU's int8 rounding, so it could only have asserted 'either outcome'.)"""
     X_tr, y_tr, X_va, y_va, _, _ = digits
     per_tensor = dict(per_channel=False, calibration_method="minmax", calibration_size=64)
-    path, record = quantize_int8(cnn, X_tr, X_va, y_va, QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
-                                 tmp_path / "loose", X_train=X_tr, y_train=y_tr)
+    path, record = quantize_int8(
+        cnn,
+        X_tr,
+        X_va,
+        y_va,
+        QuantizeParams(max_accuracy_drop=0.05, **per_tensor),
+        tmp_path / "loose",
+        X_train=X_tr,
+        y_train=y_tr,
+    )
     assert record["remedy"] == "none" and len(record["attempts"]) == 1 and record["per_channel"] is False
     assert record["accuracy_drop"] <= 0.05 and path.is_file()
 

@@ -104,18 +104,25 @@ def test_the_registered_models_requirements_load_it_in_a_fresh_venv(trained, tmp
     assert "torch==" in requirements and "onnxruntime==" in requirements
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", "-r",
-                              str(local / "requirements.txt")], capture_output=True, text=True, timeout=1500)
+    install = subprocess.run(
+        [str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", "-r", str(local / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     layout = Layout(trained["root"])
     rows = pd.read_csv(layout.root / "data/raw/digits.csv").drop(columns=["label"]).head(25)
     rows.to_csv(tmp_path / "rows.csv", index=False)
-    script = ("import json, sys, mlflow, pandas as pd\n"
-              f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
-              f"print(json.dumps(model.predict(pd.read_csv({str(tmp_path / 'rows.csv')!r}))['prediction'].tolist()))\n")
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
+        f"print(json.dumps(model.predict(pd.read_csv({str(tmp_path / 'rows.csv')!r}))['prediction'].tolist()))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run([str(venv / "bin/python"), "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [str(venv / "bin/python"), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 

@@ -41,6 +41,7 @@ def model_card(
         "",
         f"**Pick:** {selection['reason']}.",
         "",
+        *search_note(lineage),
         selection_markdown(selection),
         *kd_note(selection),
         "## Data",
@@ -102,6 +103,19 @@ def model_card(
         "- Not for decisions about people without a separate fairness review.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def search_note(lineage: dict) -> list[str]:
+    """Where a searched product came from: the study, the trial, and the reports that show every trial."""
+    if not lineage.get("search.study"):
+        return []
+    return [
+        f"**Found by `distilflow search`:** study `{lineage['search.study']}`, trial {lineage['search.trial']} of "
+        f"{lineage.get('search.trials', '?')}; its candidates below were re-measured one at a time before the pick. "
+        "Every trial, the front and the pick: [search.md](search.md) and [search_pareto.png](search_pareto.png) "
+        f"(logged with this version's run; in the project at `{lineage.get('search.report', 'reports/search.md')}`).",
+        "",
+    ]
 
 
 def selection_markdown(selection: dict) -> str:

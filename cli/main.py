@@ -173,6 +173,18 @@ def _parser() -> argparse.ArgumentParser:
         ),
         "search.n_trials=20",
     )
+    add = command(
+        "add-data",
+        "bring a data file into the project",
+        "Inspects it (separator, BOM, label column, image shape, value range, classes), copies it to "
+        "data/raw/, `dvc add`s it and writes params.<name>.yaml for you to check and run.",
+    )
+    add.add_argument("file", help="a CSV or Parquet table (or an image manifest CSV)")
+    add.add_argument("--label", help="the label column (default: the most label-like one)")
+    add.add_argument("--name", help="the dataset's name (default: from the file name)")
+    add.add_argument("--params", default="params.yaml", help="the params the proposal starts from")
+    add.add_argument("--link", action="store_true", help="hard-link the file instead of copying it")
+    add.add_argument("--force", action="store_true", help="replace a different file / params file of that name")
     demo = command("demo-data", "write the demo data", "scikit-learn's digits as a raw CSV.")
     demo.add_argument("--out", default="data/raw/digits.csv", help="where (default: data/raw/digits.csv)")
     return parser
@@ -185,6 +197,12 @@ def _print_summary(summary: dict, root: Path, uri: str) -> None:
     print("stages: " + ", ".join(f"{k}={v}" for k, v in summary["stages"].items()))
     if "teacher" in summary:
         print(f"teacher test accuracy: {summary['teacher']['test.accuracy']:.4f}")
+    for name, row in (summary.get("baseline") or {}).items():
+        beats = "teacher" in summary and row["test_accuracy"] > summary["teacher"]["test.accuracy"]
+        print(
+            f"baseline ({name}, scikit-learn) test accuracy: {row['test_accuracy']:.4f}"
+            + ("  <- beats the teacher" if beats else "")
+        )
     for budget, row in (summary.get("transfer_gain") or {}).items():
         print(
             f"transfer gain at {budget} labels/class: {row['gain']:+.4f} "
@@ -237,8 +255,9 @@ def _run(args) -> int:
 
         return deploy_for_worker(params, args.params)
     if args.command == "search":  # space, scheduler and storage are checked before any API, run or trial starts
-        from flows.search import preflight, storage_url
+        from flows.search import preflight, storage_url, with_environment
 
+        params = with_environment(params)
         preflight(params, storage_url(params, root))
     if args.command == "run" and not args.force:
         from distilflow import uptodate
@@ -464,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {export_digits(args.out)}")
             return 0
+        if args.command == "add-data":
+            from cli.add_data import add_data
+
+            return add_data(args)
         return _run(args)
     except DistilflowError as exc:
         print(f"distilflow: error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ PATHS: dict[str, str] = {
     "teacher_curve": "reports/teacher_learning_curve.png",
     "teacher_confusion": "reports/teacher_confusion_test.png",
     "transfer_report": "reports/transfer_gain.json",
+    "baseline_report": "reports/baseline.json",
     # the student and its compressed forms
     "student": "artifacts/student",
     "student_nokd": "artifacts/student_nokd",

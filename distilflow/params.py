@@ -97,6 +97,23 @@ class NormalizeParams(Section):
     method: Literal["standard", "minmax", "per_channel", "none"] = "per_channel"
 
 
+class FeaturesParams(Section):
+    """Tables only (off for images): which columns ingest drops or encodes, and an optional selection on train.
+
+    Ingest drops constant and near-constant columns and ID-like ones (text unique per row; whole numbers
+    unique per row that run with the row order or number the rows), and keeps text columns with at most
+    `max_categories` values as categoricals: normalize one-hot encodes the values seen in train (an unknown
+    value at serving time encodes as all zeros). `select_k` keeps the k encoded features with the highest
+    mutual information with the label on train. Every choice is recorded and bundled in the served model.
+    """
+
+    drop_constant: bool = True
+    near_constant_share: float = Field(default=0.999, gt=0.5, le=1)  # top value's share at or above: dropped
+    drop_id_like: bool = True
+    max_categories: int = Field(default=20, ge=2)
+    select_k: int | None = Field(default=None, ge=1)
+
+
 class BackboneParams(Section):
     """Which pretrained backbone the teacher starts from.
 
@@ -257,6 +274,7 @@ class EvaluateParams(Section):
 
     threads: int = Field(default=2, ge=1)
     repeats: int = Field(default=30, ge=3)
+    baseline: bool = True  # scikit-learn beside the teacher: logistic regression (+ gradient boosting for tables)
 
 
 class SelectParams(Section):
@@ -443,6 +461,7 @@ class Params(Section):
     clean: CleanParams = CleanParams()
     split: SplitParams = SplitParams()
     normalize: NormalizeParams = NormalizeParams()
+    features: FeaturesParams = FeaturesParams()
     backbone: BackboneParams = BackboneParams()
     train: TrainParams = TrainParams()
     transfer: TransferParams = TransferParams()
@@ -462,6 +481,8 @@ class Params(Section):
     def _cross_checks(self) -> Params:
         if self.normalize.method == "per_channel" and self.data.image_shape is None:
             raise ValueError("normalize.method=per_channel needs data.image_shape")
+        if self.features.select_k is not None and self.data.image_shape is not None:
+            raise ValueError("features.select_k is for tables: with data.image_shape set, every pixel is kept")
         if self.split.val == 0 or self.split.test == 0:
             raise ValueError(
                 "split.val and split.test must be > 0: the model stages pick the best epoch on val "

@@ -68,7 +68,7 @@ STAGES: tuple[Stage, ...] = (
         "tasks/data.py",
         deps={"source": "param:data.source"},
         outs={"ingested": "ingested"},
-        params={"data": "data"},
+        params={"data": "data", "features": "features"},
     ),
     Stage(
         "clean",
@@ -95,7 +95,21 @@ STAGES: tuple[Stage, ...] = (
         "tasks/data.py",
         deps={"train": "train"},
         outs={"preprocessor": "preprocessor"},
-        params={"method": "normalize.method", "image_shape": "data.image_shape", "value_range": "data.value_range"},
+        params={
+            "method": "normalize.method",
+            "image_shape": "data.image_shape",
+            "value_range": "data.value_range",
+            "select_k": "features.select_k",
+        },
+    ),
+    Stage(
+        "baseline",
+        "tasks/baseline.py",
+        deps=dict(SPLIT_INPUTS),
+        outs={"baseline_report": "baseline_report"},
+        params={"image_shape": "data.image_shape", "seed": "seed"},
+        when="evaluate.baseline",
+        metrics=("baseline_report",),
     ),
     # resolves backbone.spec once per run (pretraining the demo's backbone if needed) into artifacts/backbone/
     Stage(

@@ -153,6 +153,9 @@ def summarize(parent, results: dict, stages: dict) -> dict:
     parent.log_metrics({"rows_clean": results["clean"].metrics["rows_out"], **results["split"].metrics})
     summary["split_hashes"] = results["split"].info["hashes"]
     summary["classes"] = results["normalize"].info["classes"]
+    if "baseline" in results:
+        summary["baseline"] = results["baseline"].info["models"]
+        parent.log_metrics({f"baseline.{k}": v for k, v in results["baseline"].metrics.items()})
     if "finetune" in results:
         summary["teacher"] = results["finetune"].metrics
         parent.log_metrics({f"teacher.{k}": v for k, v in results["finetune"].metrics.items() if k.startswith("test.")})

@@ -24,7 +24,7 @@ from distilflow.params import Params
 from distilflow.records import StageResult
 from distilflow.stages import BY_NAME, PRETRAIN, Stage
 from flows import backbone
-from tasks import data, distill, evaluate, finetune, prune, quantize, select, transfer
+from tasks import baseline, data, distill, evaluate, finetune, prune, quantize, select, transfer
 from tasks import pretrain as pretrain_stage
 
 FUNCTIONS: dict[str, Callable[..., StageResult]] = {
@@ -32,6 +32,7 @@ FUNCTIONS: dict[str, Callable[..., StageResult]] = {
     "clean": data.clean_stage,
     "split": data.split_stage,
     "normalize": data.normalize_stage,
+    "baseline": baseline.baseline_stage,
     "backbone": backbone.backbone_stage,
     "finetune": finetune.finetune_stage,
     "transfer_gain": transfer.transfer_gain_stage,

@@ -19,9 +19,10 @@ import pandas as pd
 from distilflow.errors import DistilflowError
 from distilflow.hashing import file_md5, frame_hash
 from distilflow.io import atomic_path, read_table, write_json, write_table
-from distilflow.params import CleanParams, DataParams, SplitParams
+from distilflow.params import CleanParams, DataParams, FeaturesParams, SplitParams
 from distilflow.records import StageResult
 from tasks.dataset import cleaning_table
+from tasks.features import ColumnPlan, plan_columns
 from tasks.preprocessing import fit_normalizer
 from tasks.splits import LABEL, SPLITS, row_keys, stratified_split
 
@@ -112,11 +113,16 @@ def _load_images(manifest: pd.DataFrame, base: Path, data: DataParams) -> pd.Dat
     return pd.concat([pixels, manifest[[data.label_column]].reset_index(drop=True)], axis=1)
 
 
-def read_raw(source: str | Path, data: DataParams) -> pd.DataFrame:
-    """Read a raw table (CSV/Parquet) or image manifest into `label` + numeric features.
+def read_raw(
+    source: str | Path, data: DataParams, columns: FeaturesParams | None = None, plan_out: list | None = None
+) -> pd.DataFrame:
+    """Read a raw table (CSV/Parquet) or image manifest into `label` + feature columns.
 
     Labels are kept as raw text (normalised later by `clean`); every check that
-    can reject the file whole happens here, before anything is written.
+    can reject the file whole happens here, before anything is written. For a
+    table (no `data.image_shape`), `features` drops constant, near-constant and
+    ID-like columns and keeps few-valued text columns as categoricals; the plan
+    is appended to `plan_out` when given.
     """
     path = Path(source)
     if not path.exists():
@@ -144,32 +150,44 @@ def read_raw(source: str | Path, data: DataParams) -> pd.DataFrame:
     features = [c for c in df.columns if c != data.label_column]
     if not features:
         raise DistilflowError(f"data.source {path} has no feature columns besides '{data.label_column}'")
-    bad = {}
-    out = {}
-    for col in features:
-        series = df[col]
-        if pd.api.types.is_bool_dtype(series) or not (pd.api.types.is_numeric_dtype(series)):
-            coerced = pd.to_numeric(series, errors="coerce")
-            offending = series[coerced.isna() & series.notna()]
-            if len(offending):
-                bad[col] = offending.iloc[0]
-                continue
-            series = coerced
-        out[str(col)] = series.astype(np.float64)
-    if bad:
-        shown = ", ".join(f"'{k}' (e.g. {v!r})" for k, v in list(bad.items())[:5])
-        raise DistilflowError(f"non-numeric feature columns in {path}: {shown}{' ...' if len(bad) > 5 else ''}")
+    table_cfg = columns or FeaturesParams()
+    plan = plan_columns(df[features], table_cfg, for_table=data.image_shape is None)
+    if plan.text:
+        shown = ", ".join(f"'{k}' (e.g. {v!r})" for k, v in list(plan.text.items())[:5])
+        why = (
+            f" (more than features.max_categories={table_cfg.max_categories} distinct values: not a category)"
+            if data.image_shape is None
+            else " (data.image_shape is set: every column is a pixel)"
+        )
+        raise DistilflowError(
+            f"non-numeric feature columns in {path}: {shown}{' ...' if len(plan.text) > 5 else ''}{why}"
+        )
+    if not plan.numeric and not plan.categorical:
+        raise DistilflowError(
+            f"data.source {path}: every feature column was dropped ({_dropped_text(plan)}); "
+            "see features.drop_constant and features.drop_id_like"
+        )
     if data.image_shape is not None:
         h, w, c = data.image_shape
-        if len(out) != h * w * c:
+        if len(plan.numeric) != h * w * c:
             raise DistilflowError(
-                f"{path} has {len(out)} feature columns, but data.image_shape {list(data.image_shape)} "
+                f"{path} has {len(plan.numeric)} feature columns, but data.image_shape {list(data.image_shape)} "
                 f"needs {h * w * c}"
             )
-    table = pd.DataFrame(out)
+    table = pd.DataFrame({**plan.numeric, **plan.categorical})[
+        [str(c) for c in features if str(c) in plan.numeric or str(c) in plan.categorical]
+    ]
     raw_labels = df[data.label_column]
     table.insert(0, LABEL, raw_labels.where(raw_labels.notna(), None).map(lambda v: None if v is None else str(v)))
+    if plan_out is not None:
+        plan_out.append(plan)
     return table
+
+
+def _dropped_text(plan: ColumnPlan) -> str:
+    return ", ".join(f"{c}: {why}" for c, why in list(plan.dropped.items())[:8]) + (
+        " ..." if len(plan.dropped) > 8 else ""
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -214,6 +232,8 @@ def clean_table(
     dropped = dict.fromkeys(DROP_RULES, 0)
     modified = {"cells_clipped": 0, "cells_to_impute": 0, "rows_to_impute": 0}
     features = _feature_columns(df)
+    categorical = [c for c in features if not pd.api.types.is_numeric_dtype(df[c])]  # tables' categoricals: text
+    numeric = [c for c in features if c not in categorical]
     rows_in = len(df)
 
     labels = df[LABEL].map(normalize_label)
@@ -224,7 +244,8 @@ def clean_table(
         valid = labels.map(lambda v: v in allowed).to_numpy()
         dropped["invalid_label"] = int((keep & ~valid).sum())
         keep &= valid
-    X = df[features].to_numpy(dtype=np.float64, copy=True)  # ours to edit in place
+    X = df[numeric].to_numpy(dtype=np.float64, copy=True)  # ours to edit in place
+    C = df[categorical].reset_index(drop=True) if categorical else None
     labels = labels.to_numpy(dtype=object)
     del df  # the caller's frame need not outlive this point (clean_stage passes it straight in)
 
@@ -263,7 +284,7 @@ def clean_table(
         del outside
 
     # row hashes of every row, then only the kept ones: a row's hash does not depend on the others
-    fkey = row_keys(pd.DataFrame(X, copy=False))
+    fkey = row_keys(pd.DataFrame(X, copy=False) if C is None else pd.concat([pd.DataFrame(X, copy=False), C], axis=1))
     rows = np.flatnonzero(keep)
     y = _uniform_labels(labels[rows])
     conflict_free = _resolve_conflicts(fkey[rows], y, clean.conflicting_labels)
@@ -292,7 +313,11 @@ def clean_table(
         rows, y = rows[~rare_rows], y[~rare_rows]
 
     X = X[rows] if len(rows) < len(X) else X  # the one copy of the rows that stay
-    out = pd.DataFrame(X, columns=features, copy=False)
+    out = pd.DataFrame(X, columns=numeric, copy=False)
+    if C is not None:
+        for col in categorical:
+            out[col] = C[col].to_numpy(dtype=object)[rows]
+        out = out[features]
     out.insert(0, LABEL, y)
     if len(out) == 0:
         raise DistilflowError(
@@ -374,16 +399,30 @@ def _resolve_conflicts(fkey: np.ndarray, y: np.ndarray, mode: str) -> np.ndarray
 # stages: path in, path out (the same functions for Prefect and DVC; see distilflow/stages.py)
 
 
-def ingest_stage(source: Path, ingested: Path, data: DataParams) -> StageResult:
-    """Read the raw table or image manifest into `label` + numeric features."""
-    table = read_raw(source, data)
+def ingest_stage(source: Path, ingested: Path, data: DataParams, features: FeaturesParams | None = None) -> StageResult:
+    """Read the raw table or image manifest into `label` + features (tables: columns dropped or kept as categories)."""
+    plans: list[ColumnPlan] = []
+    table = read_raw(source, data, features, plans)
     write_table(table, ingested)
     md5 = file_md5(source)
+    columns = plans[0].report()
+    if columns["dropped"]:
+        log.warning(f"dropped feature columns: {_dropped_text(plans[0])}")
+    lines = [f"- `{c}`: dropped, {why}" for c, why in columns["dropped"].items()]
+    lines += [
+        f"- `{c}`: categorical, {n} values (one-hot on train's values)" for c, n in columns["categorical"].items()
+    ]
     return StageResult(
-        metrics={"rows": len(table), "features": table.shape[1] - 1},
+        metrics={
+            "rows": len(table),
+            "features": table.shape[1] - 1,
+            "columns.dropped": len(columns["dropped"]),
+            "columns.categorical": len(columns["categorical"]),
+        },
         params={"source": str(source), "label_column": data.label_column, "image_shape": str(data.image_shape)},
         tags={"data_md5": md5},
-        info={"rows": len(table), "data_md5": md5},
+        texts={"columns.md": "# Feature columns\n\n" + "\n".join(lines) + "\n"} if lines else {},
+        info={"rows": len(table), "data_md5": md5, "columns": {k: v for k, v in columns.items() if k != "numeric"}},
     )
 
 
@@ -444,13 +483,18 @@ def normalize_stage(
     method: str,
     image_shape: tuple[int, int, int] | None,
     value_range: tuple[float, float] | None,
+    select_k: int | None = None,
 ) -> StageResult:
-    """Fit imputation and scaling on the train split; the record later stages and the served model apply."""
-    pre = fit_normalizer(read_table(train), method, image_shape, value_range)
+    """Fit imputation, scaling, categoricals' one-hot and (select_k) the feature selection on the train split."""
+    pre = fit_normalizer(read_table(train), method, image_shape, value_range, select_k)
     write_json(pre, preprocessor)
+    info = {"method": method, "n_features": pre["n_inputs"], "classes": pre["classes"]}
+    if pre.get("selection"):
+        info["selection"] = pre["selection"]
+        log.info(f"kept {len(pre['selected'])} of {pre['selection']['of']} features by mutual information (train)")
     return StageResult(
-        metrics={"n_features": len(pre["feature_columns"]), "n_classes": len(pre["classes"])},
-        params={"method": method},
+        metrics={"n_features": pre["n_inputs"], "n_classes": len(pre["classes"])},
+        params={"method": method, "select_k": select_k},
         artifacts=[str(preprocessor)],
-        info={"method": method, "n_features": len(pre["feature_columns"]), "classes": pre["classes"]},
+        info=info,
     )

@@ -17,14 +17,36 @@ LABEL = "label"  # the label column of every table after ingestion (tasks/splits
 
 
 def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
-    """Raw feature columns → normalised float32 matrix, as fitted by `fit_normalizer`."""
+    """Raw feature columns → normalised float32 matrix, as fitted by `fit_normalizer`.
+
+    Numeric columns are imputed, clipped and scaled; categorical ones become
+    one-hot blocks of train's values (an unseen or missing value: all zeros);
+    then the selected features (if any) are kept, in their fitted order.
+    """
     missing = [c for c in pre["feature_columns"] if c not in features.columns]
     if missing:
         raise DistilflowError(f"input is missing feature columns: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    numeric = pre.get("numeric_columns", pre["feature_columns"])
+    out = _scaled(pre, features, numeric)
+    categories = pre.get("categories") or {}
+    if categories:
+        blocks = [out] + [_one_hot(features[c], values) for c, values in categories.items()]
+        out = np.concatenate(blocks, axis=1)
+    if pre.get("selected") is not None:
+        out = np.ascontiguousarray(out[:, pre["selected"]])
+    return out
+
+
+def _one_hot(column: pd.Series, values: list[str]) -> np.ndarray:
+    text = column.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+    return (text.to_numpy(dtype=object)[:, None] == np.asarray(values, dtype=object)[None, :]).astype(np.float32)
+
+
+def _scaled(pre: dict, features: pd.DataFrame, numeric: list[str]) -> np.ndarray:
     try:
-        X = features[pre["feature_columns"]].to_numpy(dtype=np.float64)
+        X = features[numeric].to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
-        for column in pre["feature_columns"]:
+        for column in numeric:
             values = pd.to_numeric(features[column], errors="coerce")
             bad = features[column][values.isna() & features[column].notna()]
             if len(bad):
@@ -39,7 +61,7 @@ def apply_normalizer(pre: dict, features: pd.DataFrame) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         out = ((X - np.asarray(pre["shift"])) / np.asarray(pre["scale"])).astype(np.float32)
     if not np.isfinite(out).all():
-        column = pre["feature_columns"][int(np.argwhere(~np.isfinite(out))[0][1])]
+        column = numeric[int(np.argwhere(~np.isfinite(out))[0][1])]
         raise DistilflowError(
             f"input column {column!r} holds a value too large for the model (after scaling it is not a finite number)"
         )
@@ -74,6 +96,7 @@ def fit_normalizer(
     method: str,
     image_shape: tuple[int, int, int] | None,
     value_range: tuple[float, float] | None = None,
+    select_k: int | None = None,
 ) -> dict:
     """Fit imputation and scaling on the train split only, as a JSON-able record.
 
@@ -83,7 +106,9 @@ def fit_normalizer(
     Scales that are not finite (values too large to square) stop here with
     the columns named, rather than train on NaN.
     """
-    features = [c for c in train.columns if c != LABEL]
+    inputs = [c for c in train.columns if c != LABEL]
+    categorical = [c for c in inputs if not pd.api.types.is_numeric_dtype(train[c])]
+    features = [c for c in inputs if c not in categorical]  # the numeric ones, scaled
     X = train[features].to_numpy(dtype=np.float64, copy=True)  # ours to fill in place
     missing = np.isnan(X)
     with np.errstate(all="ignore"):
@@ -106,14 +131,39 @@ def fit_normalizer(
             "drop them, or fix the data"
         )
     classes = sorted(train[LABEL].unique().tolist())
-    return {
+    pre = {
         "version": 1,
         "method": method,
-        "feature_columns": features,
+        "feature_columns": inputs,
+        "numeric_columns": features,
+        "categories": {c: sorted(v for v in train[c].dropna().unique().tolist()) for c in categorical},
         "image_shape": list(image_shape) if image_shape else None,
         "classes": classes,
         "impute": impute.tolist(),
         "shift": shift.tolist(),
         "scale": scale.tolist(),
         "clip": list(value_range) if value_range is not None else None,
+        "selected": None,
     }
+    names = features + [f"{c}={v}" for c, values in pre["categories"].items() for v in values]
+    if select_k is not None and select_k < len(names):
+        pre["selected"], pre["selection"] = _select(pre, train, names, select_k)
+    pre["n_inputs"] = len(pre["selected"]) if pre["selected"] is not None else len(names)
+    return pre
+
+
+def _select(pre: dict, train: pd.DataFrame, names: list[str], k: int) -> tuple[list[int], dict]:
+    """The k encoded features with the most mutual information with the label on train (scikit-learn)."""
+    from sklearn.feature_selection import mutual_info_classif
+
+    X = apply_normalizer(pre, train)
+    scores = mutual_info_classif(X, train[LABEL].astype(str).to_numpy(), random_state=0)
+    keep = sorted(np.argsort(-scores, kind="stable")[:k].tolist())
+    record = {
+        "method": "mutual_info",
+        "k": k,
+        "of": len(names),
+        "kept": [names[i] for i in keep],
+        "scores": {n: round(float(v), 6) for n, v in zip(names, scores)},
+    }
+    return keep, record

@@ -61,6 +61,7 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
         table,
         selection,
         quantize_note,
+        read_json(layout.baseline_report)["models"] if params.evaluate.baseline else None,
     )
     write_text(card, layout.model_card)
     run.log_artifact(layout.model_card)

@@ -76,6 +76,7 @@ def test_the_committed_dvc_yaml_is_generated_from_the_stage_declarations():
         "clean",
         "split",
         "normalize",
+        "baseline",
         "backbone",
         "finetune",
         "transfer_gain",

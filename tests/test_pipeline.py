@@ -329,6 +329,7 @@ def test_the_prefect_graph_has_one_task_run_per_stage_named_after_it_with_the_da
         "clean": ["ingest"],
         "split": ["clean"],
         "normalize": ["split"],
+        "baseline": ["normalize", "split"],
         "backbone": [],
         "finetune": ["backbone", "normalize", "split"],
         "distill": ["finetune", "normalize", "split"],

@@ -29,6 +29,7 @@ def test_the_dag_follows_the_params_switches():
         "clean",
         "split",
         "normalize",
+        "baseline",
         "backbone",
         "finetune",
         "transfer_gain",
@@ -37,7 +38,9 @@ def test_the_dag_follows_the_params_switches():
         "evaluate",
         "select",
     ]
-    builtin = Params.model_validate({"backbone": {"spec": "builtin:cnn"}, "prune": {"enabled": True}})
+    builtin = Params.model_validate(
+        {"backbone": {"spec": "builtin:cnn"}, "prune": {"enabled": True}, "evaluate": {"baseline": False}}
+    )
     assert names(builtin) == [
         "ingest",
         "clean",

@@ -19,6 +19,7 @@ def model_card(
     table: list[dict],
     selection: dict,
     quantize_note: str,
+    baseline: dict | None = None,
 ) -> str:
     """The markdown a reviewer reads in the MLflow UI before promoting (the registered version's description)."""
     pick = selection["pick"]
@@ -76,10 +77,15 @@ def model_card(
             f"| {r['variant']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['file_bytes'] / 1024:.1f} | "
             f"{r['latency_b1_median_ms']:.3f} | {r['latency_b256_median_ms']:.2f} |"
         )
+    for name, row in (baseline or {}).items():
+        lines.append(
+            f"| baseline: {name} (scikit-learn) | {row['test_accuracy']:.4f} | {row['test_macro_f1']:.4f} | | | |"
+        )
     threads = table[0].get("threads")
     lines += [
         "",
         f"Latency: median after warm-up, CPU, {threads} thread(s).",
+        *baseline_note(baseline, teacher["accuracy"], product["accuracy"]),
         "",
         "## Compression steps",
         "",
@@ -103,6 +109,25 @@ def model_card(
         "- Not for decisions about people without a separate fairness review.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def baseline_note(baseline: dict | None, teacher_accuracy: float, product_accuracy: float) -> list[str]:
+    """A loud line when a classical model beats the teacher or the product on test."""
+    if not baseline:
+        return []
+    name, row = max(baseline.items(), key=lambda kv: kv[1]["val_accuracy"])  # chosen on validation, as the rest
+    if row["test_accuracy"] <= max(teacher_accuracy, product_accuracy):
+        return [
+            "",
+            f"Classical baseline ({name}, fitted on the same split): test accuracy {row['test_accuracy']:.4f}, "
+            f"below the teacher ({teacher_accuracy:.4f}).",
+        ]
+    return [
+        "",
+        f"**A classical baseline beats this model: {name} reaches test accuracy {row['test_accuracy']:.4f} "
+        f"(teacher {teacher_accuracy:.4f}, this model {product_accuracy:.4f}). Consider whether the network "
+        "earns its place.**",
+    ]
 
 
 def search_note(lineage: dict) -> list[str]:

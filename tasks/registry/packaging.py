@@ -139,4 +139,5 @@ def raw_example(source: Path, test_split: Path, columns: list[str], rows: int = 
             return example.astype(raw)
     except (OSError, ValueError, TypeError, pd.errors.ParserError):
         pass  # an image manifest, or a table we cannot sample: floats
-    return example.astype("float64")
+    numeric = [c for c in columns if pd.api.types.is_numeric_dtype(example[c])]  # categoricals stay text
+    return example.astype(dict.fromkeys(numeric, "float64"))

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run search test test-slow test-all lint data serve-model repro push pull promote ui prefect-server worker serve bench
+.PHONY: install run search stack-up stack-down stack-status test test-slow test-all lint data serve-model repro push pull promote ui prefect-server worker serve bench
 
 install: $(STAMP)
 
@@ -30,6 +30,17 @@ run: install data
 search: install data
 	$(PY) -m distilflow search $(ARGS)
 
+# the team stack (README "Running as a team"): PostgreSQL, MLflow and Prefect servers on it, Dask; then
+# `source .stack/env` and every command runs against it (ARGS="--workers 4", "--host 10.0.0.5")
+stack-up: install
+	$(PY) -m stack up $(ARGS)
+
+stack-down: install
+	$(PY) -m stack down $(ARGS)
+
+stack-status: install
+	$(PY) -m stack status $(ARGS)
+
 # `make test`: format, lint and import-layering checks, then every test but the long end-to-end ones
 # (< 10 min on 2 cores); CI (.ci/run) runs `make test` and `make test-slow`
 test: install lint
@@ -40,8 +51,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# the long tests, two files at a time: most of their time is spent waiting on servers and subprocesses
+SLOW_WORKERS ?= 2
 test-slow: install
-	$(PY) -m pytest -m slow $(ARGS)
+	$(PY) -m pytest -m slow -n $(SLOW_WORKERS) --dist loadfile $(ARGS)
 
 test-all: install
 	$(PY) -m pytest $(ARGS)

@@ -1,4 +1,4 @@
-"""python -m bench [--only data_scale,training,orchestration,quality,compression] [--quick] [--out DIR]
+"""python -m bench [--only data_scale,training,...,search,stack] [--quick] [--out DIR]
 
 Runs the benchmark families and writes bench/results/<date>-<host>.json and .md.
 `--quick` cuts sizes, epochs and repeats (minutes instead of a quarter hour);
@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-FAMILIES = ("data_scale", "training", "orchestration", "quality", "compression", "serving")
+FAMILIES = ("data_scale", "training", "orchestration", "quality", "compression", "serving", "search", "stack")
 
 
 def _quiet_environment() -> None:
@@ -198,6 +198,28 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("serving: 100 timed calls per contender, 3 score start-ups")
         return sv.run(repeats=100 if q else 300, score_runs=3 if q else 5, workdir=work / "serving")
 
+    def search():
+        from bench import search as se
+
+        if q:
+            notes.append("search: 1 seed, 6 trials per study, 3-epoch teacher and students")
+        else:
+            notes.append("search: digits only (the MNIST-50 setting is not run: hours on 2 cores)")
+        return se.run(
+            seeds=(0,) if q else (0, 1, 2),
+            n_trials=6 if q else 12,
+            parallel_trials=4 if q else 6,
+            quick=q,
+            workdir=work / "search",
+        )
+
+    def stack():
+        from bench import stack as st
+
+        if q:
+            notes.append("stack: 1 round of 4 concurrent runs per contender")
+        return st.run(concurrency=4, rounds=1 if q else 2, workdir=work / "stack")
+
     for name, fn in (
         ("data_scale", data_scale),
         ("training", training),
@@ -205,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         ("quality", quality),
         ("compression", compression),
         ("serving", serving),
+        ("search", search),
+        ("stack", stack),
     ):
         attempt(name, fn)
     results["seconds"] = time.perf_counter() - started

@@ -82,6 +82,7 @@ def registry_lock(tracker: Tracker, model: str, timeout_s: float) -> Iterator[No
 def _prefect_slot(name: str, model: str, timeout_s: float) -> Iterator[None]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -94,8 +95,13 @@ def _prefect_slot(name: str, model: str, timeout_s: float) -> Iterator[None]:
             except ObjectAlreadyExists:
                 pass  # another process created it first
     try:
-        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=30):
+        # the lease a dead holder's slot is repossessed after (Prefect's server accepts 60 s at the least)
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=60):
             yield
+    except ConcurrencySlotAcquisitionError as exc:
+        raise DistilflowError(
+            f"registered model {model}: the Prefect API refused the registry lock {name!r}: {str(exc)[-200:]}"
+        ) from None
     except TimeoutError:
         raise DistilflowError(
             f"registered model {model} is busy: another registration or promotion held the "

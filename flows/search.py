@@ -49,6 +49,7 @@ from tasks.search.space import prepared_stages, suggest, trial_params, validate_
 
 SEARCH_DIR = ".distilflow/search"
 STORAGE_ENV = "DISTILFLOW_SEARCH_STORAGE"  # a database URL with a password belongs here, not in params.yaml
+DASK_ENV = "DISTILFLOW_DASK_ADDRESS"  # a team's scheduler (python -m stack up writes it): trials run there
 PLOT, REPORT, SUMMARY, SEARCHED = (
     "reports/search_pareto.png",
     "reports/search.md",
@@ -60,6 +61,12 @@ PLOT, REPORT, SUMMARY, SEARCHED = (
 def storage_url(params: Params, root: Path) -> str:
     """$DISTILFLOW_SEARCH_STORAGE, else `search.storage`, else a SQLite file in the project's .distilflow/."""
     return os.environ.get(STORAGE_ENV) or params.search.storage or f"sqlite:///{root / '.distilflow' / 'search.db'}"
+
+
+def with_environment(params: Params) -> Params:
+    """$DISTILFLOW_DASK_ADDRESS, when set, sends the trials to that Dask scheduler (search.runner=dask)."""
+    address = os.environ.get(DASK_ENV)
+    return params.with_values({"search.runner": "dask", "search.dask_address": address}) if address else params
 
 
 def study_name(params: Params) -> str:
@@ -482,6 +489,8 @@ def _trials(params, layout, tracker, parent, study, url, folder, name) -> dict:
                 continue
             storage = study._storage
             storage.set_trial_user_attr(trial._trial_id, "seconds", outcome["seconds"])
+            # the stages' own compute: what the study's bookkeeping (ask → tell) is measured against (bench/search.py)
+            storage.set_trial_user_attr(trial._trial_id, "compute_s", sum(outcome.get("stage_s", {}).values()))
             storage.set_trial_user_attr(trial._trial_id, "host", outcome["host"])
             storage.set_trial_user_attr(trial._trial_id, "pid", outcome["pid"])
             if outcome["state"] == "pruned":

@@ -1,0 +1,236 @@
+"""8. The team stack: concurrent pipeline runs on the PostgreSQL-backed servers vs the embedded SQLite default.
+
+Side by side in one benchmark run, alternating: a batch of `concurrency`
+pipeline runs (`python -m distilflow run`, short settings, each in its own
+project folder with its own `data.name`, so no two share an experiment or a
+registered model) started at once
+
+- on the stack (`python -m stack up --only postgres,mlflow,prefect`): every run
+  goes to the one MLflow server on PostgreSQL and the one Prefect server on
+  PostgreSQL, through `MLFLOW_TRACKING_URI` and `PREFECT_API_URL` only;
+- on the default: no variables, so each run opens its project's embedded
+  SQLite store and a temporary Prefect API on the user's one Prefect home
+  (shared by the runs of a batch, as on one person's machine).
+
+Each batch gets a fresh Prefect home and fresh project folders, so nothing is
+answered from an earlier batch's cache. Reported per contender: errors (a run
+that exits non-zero, registers nothing, or leaves an MLflow run RUNNING; must
+be 0 on PostgreSQL), the batch's wall time, throughput (runs that registered
+a model, per hour of batch wall time), and each run's wall time.
+
+TODO(search): the search's throughput (trials per hour on the stack's Dask
+workers with the Optuna storage on PostgreSQL) belongs here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import check, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = [
+    "backbone.spec=builtin:cnn",
+    "backbone.width=16",
+    "train.epochs=3",
+    "train.warmup_epochs=0",
+    "transfer.enabled=false",
+    "distill.epochs=3",
+    "distill.gain_label_budgets=[]",
+    "quantize.calibration_size=64",
+    "evaluate.repeats=5",
+    "select.max_drop=0.1",
+]
+CLIENT_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILFLOW_SEARCH_STORAGE", "DISTILFLOW_DASK_ADDRESS")
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
+    env.update(
+        PYTHONPATH=str(REPO),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TQDM_DISABLE="1",
+    )
+    return env
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    import shlex
+
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            out[key] = shlex.split(value)[0]
+    return out
+
+
+def _project(root: Path, digits: Path) -> Path:
+    (root / "data/raw").mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copy(digits, root / "data/raw/digits.csv")
+    return root
+
+
+def _running_runs(uri: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=1000)) if ids else 0
+
+
+def _batch(label: str, work: Path, digits: Path, n: int, env_extra: dict[str, str]) -> dict:
+    """`n` pipeline runs started at once; their outcome and times."""
+    home = work / "prefect-home"
+    home.mkdir(parents=True)
+    procs = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        name = f"digits{label}{i}"
+        project = _project(work / f"p{i}", digits)
+        cmd = [sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")]
+        cmd += [a for o in [*OVERRIDES, f"data.name={name}"] for a in ("--set", o)]
+        env = {**_base_env(), "PREFECT_HOME": str(home), **env_extra}
+        log = work / f"run{i}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs.append((project, log, time.perf_counter(), proc))
+    ended: dict[int, float] = {}
+    deadline = time.perf_counter() + 1800
+    while len(ended) < len(procs) and time.perf_counter() < deadline:
+        for i, (_, _, _, proc) in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = time.perf_counter()
+        time.sleep(0.2)
+    walls, errors, reasons = [], 0, []
+    for i, (project, log, started, proc) in enumerate(procs):
+        if i not in ended:
+            proc.kill()
+        rc = proc.wait()
+        walls.append(ended.get(i, time.perf_counter()) - started)
+        text = log.read_text(errors="replace")
+        if rc != 0 or "registered: " not in text:
+            errors += 1
+            said = [line for line in text.splitlines() if line.startswith("distilflow: error:")]
+            last = (said or text.splitlines() or ["no output"])[-1]
+            reasons.append(f"exit {rc}: {last[:200]}")
+        elif "MLFLOW_TRACKING_URI" not in env_extra:
+            left = _running_runs(f"sqlite:///{project / 'mlflow.db'}")
+            if left:
+                errors += 1
+                reasons.append(f"{left} MLflow run(s) left RUNNING")
+    batch_s = time.perf_counter() - t0
+    if "MLFLOW_TRACKING_URI" in env_extra:
+        left = _running_runs(env_extra["MLFLOW_TRACKING_URI"])
+        if left:
+            errors += 1
+            reasons.append(f"{left} MLflow run(s) left RUNNING on the server")
+    return {"batch_s": batch_s, "run_s": walls, "errors": errors, "reasons": reasons, "runs": n}
+
+
+def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> dict:
+    """`rounds` alternating pairs of batches (stack, SQLite default) of `concurrency` runs each."""
+    from tasks.data import export_digits
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-stack-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o711)  # the stack's PostgreSQL runs as the postgres user, which walks into it
+    digits = export_digits(work / "digits.csv")
+    stack_dir = work / "stack"
+    up = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stack",
+            "up",
+            "--dir",
+            str(stack_dir),
+            "--auto-ports",
+            "--only",
+            "postgres,mlflow,prefect",
+        ],
+        cwd=REPO,
+        env=_base_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if up.returncode != 0:
+        raise RuntimeError(f"the stack did not start: {up.stderr.strip()[-300:]}")
+    contenders = {"postgresql_stack": {}, "sqlite_default": {}}
+    try:
+        stack_env = _read_env(stack_dir / "env")
+        stack_env = {k: stack_env[k] for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+        results: dict[str, list[dict]] = {name: [] for name in contenders}
+        for r in range(rounds):
+            order = ["postgresql_stack", "sqlite_default"] if r % 2 == 0 else ["sqlite_default", "postgresql_stack"]
+            for name in order:
+                print(f"  stack: round {r + 1}/{rounds}, {concurrency} concurrent runs on {name} ...", flush=True)
+                extra = stack_env if name == "postgresql_stack" else {}
+                # the label keeps experiments and models of different batches apart on the shared server too
+                label = f"{'pg' if extra else 'sq'}{r}x"
+                results[name].append(_batch(label, work / f"{name}-{r}", digits, concurrency, extra))
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "stack", "down", "--dir", str(stack_dir), "--purge"],
+            cwd=REPO,
+            env=_base_env(),
+            capture_output=True,
+            timeout=300,
+        )
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    out = {}
+    for name, batches in results.items():
+        # runs that registered a model, per hour of the batch's wall time: a failed run adds nothing
+        throughput = [max(b["runs"] - b["errors"], 0) / b["batch_s"] * 3600 for b in batches]
+        out[name] = {
+            "errors": sum(b["errors"] for b in batches),
+            "error_reasons": [x for b in batches for x in b["reasons"]],
+            "batch_s": summarize([b["batch_s"] for b in batches]),
+            "runs_per_hour": summarize(throughput),
+            "run_s": summarize([s for b in batches for s in b["run_s"]]),
+        }
+    ratio = out["postgresql_stack"]["runs_per_hour"]["median"] / out["sqlite_default"]["runs_per_hour"]["median"]
+    return {
+        "setting": f"{concurrency} concurrent short pipeline runs (builtin CNN, 3 epochs), {rounds} alternating "
+        "round(s); each run its own project and data.name; a fresh Prefect home per batch",
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "contenders": out,
+        "throughput_ratio": ratio,
+        "targets": [
+            check(
+                "stack.postgres_errors",
+                f"errors in {concurrency} concurrent pipeline runs on the PostgreSQL-backed MLflow + Prefect servers",
+                out["postgresql_stack"]["errors"],
+                "<=",
+                0,
+                unit="",
+            ),
+            check(
+                "stack.throughput_vs_sqlite",
+                f"throughput of {concurrency} concurrent runs on the stack / on the embedded SQLite default",
+                ratio,
+                ">=",
+                0.9,
+                note=f"{out['postgresql_stack']['runs_per_hour']['median']:.0f} vs "
+                f"{out['sqlite_default']['runs_per_hour']['median']:.0f} runs/hour; SQLite errors: "
+                f"{out['sqlite_default']['errors']}",
+            ),
+        ],
+    }
+
+
+if __name__ == "__main__":  # python -m bench.stack [CONCURRENCY] [ROUNDS]: this family alone, printed as JSON
+    args = [int(a) for a in sys.argv[1:3]]
+    print(json.dumps(run(*args), indent=2))

@@ -244,6 +244,9 @@ def _run(args) -> int:
     uri = resolve_tracking_uri(root)
     if args.command == "stage":
         return _stage(args.name, params, root, uri)
+    from distilflow.tracking import check_store
+
+    check_store(uri)  # a stopped server or a refused database login: one line within seconds
     if args.command == "score":  # no Prefect: a few rows score in seconds
         return _score(args, params, root, uri)
     if args.command == "audit":

@@ -52,6 +52,33 @@ def _flush_logs() -> None:
         pass
 
 
+def _wait_for_api(url: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
+    """The configured Prefect API answers /health, or one line after bounded retries (Prefect's client would
+    print a traceback)."""
+    import time
+
+    import httpx
+
+    from distilflow.errors import DistilflowError
+    from distilflow.redact import redact
+
+    error = ""
+    for attempt in range(attempts):
+        try:
+            response = httpx.get(f"{url.rstrip('/')}/health", timeout=5)
+            if response.status_code == 200:
+                return
+            error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = str(exc) or type(exc).__name__
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2**attempt)
+    raise DistilflowError(
+        f"Prefect API {redact(url)} is unreachable after {attempts} attempts ({error}): start the server "
+        "(make prefect-server), or unset PREFECT_API_URL to run on a temporary one"
+    )
+
+
 @contextlib.contextmanager
 def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
     """Yield the API URL in use: the configured server's, or a temporary one's started for this block."""
@@ -60,7 +87,9 @@ def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:
-        yield str(get_current_settings().api.url)
+        url = str(get_current_settings().api.url)
+        _wait_for_api(url)
+        yield url
         return
     port = _free_port()
     env = {

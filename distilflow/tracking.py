@@ -140,6 +140,36 @@ def wait_for_server(uri: str, attempts: int = 3, backoff_s: float = 1.0) -> None
     )
 
 
+def check_store(uri: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
+    """Before any work: a tracking server answers, or a database store accepts our login (bounded retries).
+
+    MLflow's SQLAlchemy store retries a refused connection for minutes; a wrong
+    password or a stopped database should be one line within seconds.
+    """
+    if uri.startswith(("http://", "https://")):
+        wait_for_server(uri, attempts, backoff_s)
+        return
+    if "://" not in uri or uri.startswith(("sqlite:", "file:")):
+        return
+    import sqlalchemy as sa
+
+    args = {"connect_timeout": 5} if uri.startswith("postgresql") else {}
+    error = ""
+    for attempt in range(attempts):
+        try:
+            engine = sa.create_engine(uri, connect_args=args, poolclass=sa.pool.NullPool)
+            with engine.connect():
+                engine.dispose()
+                return
+        except Exception as exc:  # noqa: BLE001 - the driver's own message is what the user needs
+            error = " ".join(str(getattr(exc, "orig", exc)).split())[:300]
+            if "authentication failed" in error or "does not exist" in error:
+                break  # retrying a refused login or a missing database changes nothing
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2**attempt)
+    raise DistilflowError(f"MLflow tracking store {redact(uri)} refused the connection: {redact(error)}")
+
+
 @dataclass
 class Run:
     """A handle on one MLflow run: log through it by id, from any thread."""

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the other benchmarks' figures already in today's results file for this host",
     )
     parser.add_argument("--data-sizes", help="override the data_scale row counts, e.g. 2000,8000")
+    parser.add_argument("--seeds", help="override the search family's seeds, e.g. 0 (default: 0,1,2; --quick: 0)")
     args = parser.parse_args(argv)
     only = [f.strip() for f in args.only.split(",") if f.strip()]
     unknown = set(only) - set(FAMILIES)
@@ -205,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("search: 1 seed, 6 trials per study, 3-epoch teacher and students")
         else:
             notes.append("search: digits only (the MNIST-50 setting is not run: hours on 2 cores)")
+        seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else ((0,) if q else (0, 1, 2))
+        if args.seeds:
+            notes.append(f"search: seeds {list(seeds)}")
         return se.run(
-            seeds=(0,) if q else (0, 1, 2),
+            seeds=seeds,
             n_trials=6 if q else 12,
             parallel_trials=4 if q else 6,
             quick=q,

@@ -143,9 +143,12 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-stack-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o711)  # the stack's PostgreSQL runs as the postgres user, which walks into it
     digits = export_digits(work / "digits.csv")
-    stack_dir = work / "stack"
+    # the stack's PostgreSQL runs as the postgres user, which must walk into its folder: a 0711 folder of
+    # its own in the temp dir (the bench's work folder is private, 0700)
+    stack_home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    os.chmod(stack_home, 0o711)
+    stack_dir = stack_home / "stack"
     up = subprocess.run(
         [
             sys.executable,
@@ -187,6 +190,7 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
             capture_output=True,
             timeout=300,
         )
+        shutil.rmtree(stack_home, ignore_errors=True)
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     out = {}

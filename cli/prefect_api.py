@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,6 +53,43 @@ def _flush_logs() -> None:
         pass
 
 
+START_ATTEMPTS = 3
+
+
+def _spawn(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> str | None:
+    """None once the server answers /health; the reason if it exited first. Too slow: one clear error."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            lines = server.stderr.read().decode(errors="replace").strip().splitlines() if server.stderr else []
+            cause = [line for line in lines if "locked" in line or "Error:" in line]
+            return (cause or lines or ["no output"])[-1].strip()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise DistilflowError(
+                f"the temporary Prefect API did not start within {timeout_s:.0f} s; "
+                "start one with `make prefect-server` and set PREFECT_API_URL"
+            )
+        time.sleep(0.1)
+
+
 def _wait_for_api(url: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
     """The configured Prefect API answers /health, or one line after bounded retries (Prefect's client would
     print a traceback)."""
@@ -82,7 +120,6 @@ def _wait_for_api(url: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
 @contextlib.contextmanager
 def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
     """Yield the API URL in use: the configured server's, or a temporary one's started for this block."""
-    import httpx
     import prefect
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
@@ -116,35 +153,19 @@ def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
         "--lifespan",
         "on",
     ]
-    server = subprocess.Popen(
-        command,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     url = f"http://127.0.0.1:{port}/api"
+    server = None
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if server.poll() is not None:
-                err = server.stderr.read().decode(errors="replace").strip().splitlines()[-1:] if server.stderr else []
-                raise DistilflowError(
-                    f"the temporary Prefect API exited at start (code {server.returncode}): "
-                    f"{err[0] if err else 'no output'}"
-                )
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise DistilflowError(
-                    f"the temporary Prefect API did not start within {timeout_s:.0f} s; "
-                    "start one with `make prefect-server` and set PREFECT_API_URL"
-                )
-            time.sleep(0.1)
+        for attempt in range(START_ATTEMPTS):
+            server = _spawn(command, env)
+            error = _wait_healthy(server, url, timeout_s)
+            if error is None:
+                break
+            # concurrent runs sharing one Prefect home migrate its SQLite database at the same moment, and
+            # all but one may fail with "database is locked" (bench stack family): start again, a little later
+            if attempt + 1 == START_ATTEMPTS:
+                raise DistilflowError(f"the temporary Prefect API exited at start (code {server.returncode}): {error}")
+            time.sleep(1 + random.random() * 2)
         # every thread and child process must see this API, or each starts a temporary server of its own:
         # the environment for a search's trial processes (and the Dask workers it starts); the process-global
         # settings for threads that copy no context (the process pool's log forwarder)
@@ -165,9 +186,10 @@ def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
                 os.environ["PREFECT_API_URL"] = previous
     finally:
         _flush_logs()
-        server.terminate()
-        try:
-            server.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

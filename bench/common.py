@@ -6,9 +6,11 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 def summarize(samples: list[float]) -> dict:
@@ -187,3 +189,19 @@ class Stopwatch:
             owner[attr] = timed
         else:
             setattr(owner, attr, timed)
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    """This environment for a `python -m distilflow` child: no stack variables (MLFLOW_TRACKING_URI, ...)
+    unless given in `extra`, this venv first on PATH, the repo importable, no telemetry or progress bars."""
+    from stack.components import CLIENT_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
+    env.update(
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TQDM_DISABLE="1",
+        **extra,
+    )
+    return env

@@ -23,7 +23,6 @@ Every figure comes from the real command line (`python -m distilflow run` /
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import check, summarize
+from bench.common import check, client_env, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = [  # short trials and teacher: the figures keep their meaning, the minutes drop
@@ -43,19 +42,6 @@ QUICK = [  # short trials and teacher: the figures keep their meaning, the minut
     "evaluate.repeats=5",
     "select.max_drop=0.1",
 ]
-CLIENT_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILFLOW_SEARCH_STORAGE", "DISTILFLOW_DASK_ADDRESS")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
-    env.update(
-        PYTHONPATH=str(REPO),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        TQDM_DISABLE="1",
-        **extra,
-    )
-    return env
 
 
 def distilflow(project: Path, *args: str, overrides: list[str], env: dict[str, str] | None = None):
@@ -63,7 +49,7 @@ def distilflow(project: Path, *args: str, overrides: list[str], env: dict[str, s
     cmd = [sys.executable, "-m", "distilflow", *args, "--params", str(project / "params.yaml")]
     cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run(
-        cmd, cwd=REPO, env=env or _env(PREFECT_HOME=str(project / ".prefect")), capture_output=True, text=True
+        cmd, cwd=REPO, env=env or client_env(PREFECT_HOME=str(project / ".prefect")), capture_output=True, text=True
     )
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -219,7 +205,9 @@ def run(
                 overhead = bookkeeping(trials)
         for workers in (1, 2):
             with _dask_cluster(workers) as cluster:
-                env = _env(PREFECT_HOME=str(project / ".prefect"), DISTILFLOW_DASK_ADDRESS=cluster.scheduler_address)
+                env = client_env(
+                    PREFECT_HOME=str(project / ".prefect"), DISTILFLOW_DASK_ADDRESS=cluster.scheduler_address
+                )
                 trials, _ = _search(project, f"dask{workers}", [*fair, f"search.workers={workers}"], env=env)
             rates[f"dask_{workers}"] = trials_per_hour(trials)
     finally:

@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import check, summarize
+from bench.common import check, client_env, summarize
+from stack.components import read_env
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -48,29 +49,6 @@ OVERRIDES = [
     "evaluate.repeats=5",
     "select.max_drop=0.1",
 ]
-CLIENT_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILFLOW_SEARCH_STORAGE", "DISTILFLOW_DASK_ADDRESS")
-
-
-def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
-    env.update(
-        PYTHONPATH=str(REPO),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        TQDM_DISABLE="1",
-    )
-    return env
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    import shlex
-
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line.removeprefix("export ").partition("=")
-            out[key] = shlex.split(value)[0]
-    return out
 
 
 def _project(root: Path, digits: Path) -> Path:
@@ -99,7 +77,7 @@ def _batch(label: str, work: Path, digits: Path, n: int, env_extra: dict[str, st
         project = _project(work / f"p{i}", digits)
         cmd = [sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")]
         cmd += [a for o in [*OVERRIDES, f"data.name={name}"] for a in ("--set", o)]
-        env = {**_base_env(), "PREFECT_HOME": str(home), **env_extra}
+        env = {**client_env(), "PREFECT_HOME": str(home), **env_extra}
         log = work / f"run{i}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -162,7 +140,7 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
             "postgres,mlflow,prefect",
         ],
         cwd=REPO,
-        env=_base_env(),
+        env=client_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -171,7 +149,7 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
         raise RuntimeError(f"the stack did not start: {up.stderr.strip()[-300:]}")
     contenders = {"postgresql_stack": {}, "sqlite_default": {}}
     try:
-        stack_env = _read_env(stack_dir / "env")
+        stack_env = read_env(stack_dir / "env")
         stack_env = {k: stack_env[k] for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
         results: dict[str, list[dict]] = {name: [] for name in contenders}
         for r in range(rounds):
@@ -186,7 +164,7 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
         subprocess.run(
             [sys.executable, "-m", "stack", "down", "--dir", str(stack_dir), "--purge"],
             cwd=REPO,
-            env=_base_env(),
+            env=client_env(),
             capture_output=True,
             timeout=300,
         )

@@ -286,6 +286,27 @@ def _log_trial(tracker: Tracker, run, outcome: dict, values: dict, error: str | 
     tracker.close(run, "FAILED" if outcome["state"] == "failed" else "FINISHED")
 
 
+def tell_pruned(study, trial, reason: str) -> None:
+    """Record a trial the median rule stopped. Optuna's samplers cannot weigh a PRUNED trial in a
+    multi-objective study (TPE asks for the study's single direction and raises), so there it is told
+    FAIL with `pruned` set: the report, MLflow and the budget still count it as pruned."""
+    from optuna.trial import TrialState
+
+    study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+    if len(study.directions) > 1:
+        study._storage.set_trial_user_attr(trial._trial_id, "pruned", True)
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, state=TrialState.PRUNED)
+
+
+def is_pruned(trial) -> bool:
+    """Whether the median rule stopped this trial (either way `tell_pruned` records it)."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.PRUNED or (trial.state == TrialState.FAIL and bool(trial.user_attrs.get("pruned")))
+
+
 def _summaries(study, teacher_val: float, params: Params) -> list[dict]:
     """Every trial of the study (this session's and earlier ones') as the report's rows."""
     from optuna.trial import TrialState
@@ -295,12 +316,13 @@ def _summaries(study, teacher_val: float, params: Params) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         if t.state not in states:
             continue
+        state = "pruned" if is_pruned(t) else states[t.state]
         o = t.user_attrs.get("objective")
         note = t.user_attrs.get("fail_reason") or t.user_attrs.get("reason", "")
         out.append(
             {
                 "number": t.number,
-                "state": states[t.state],
+                "state": state,
                 "values": dict(t.params),
                 "objective": o,
                 "seconds": t.user_attrs.get("seconds", 0.0),
@@ -414,7 +436,7 @@ def _trials(params, layout, tracker, parent, study, url, folder, name) -> dict:
 
     cfg = params.search
     space = dict(cfg.space)
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    finished = sum(t.state == TrialState.COMPLETE or is_pruned(t) for t in study.get_trials(deepcopy=False))
     budget = max(0, cfg.n_trials - finished)
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s else None
     teacher_val = float(study.user_attrs.get("teacher_val_accuracy", 0.0))
@@ -494,8 +516,7 @@ def _trials(params, layout, tracker, parent, study, url, folder, name) -> dict:
             storage.set_trial_user_attr(trial._trial_id, "host", outcome["host"])
             storage.set_trial_user_attr(trial._trial_id, "pid", outcome["pid"])
             if outcome["state"] == "pruned":
-                storage.set_trial_user_attr(trial._trial_id, "reason", outcome["reason"])
-                study.tell(trial, state=TrialState.PRUNED)
+                tell_pruned(study, trial, outcome["reason"])
             else:
                 o = outcome["objective"]
                 storage.set_trial_user_attr(trial._trial_id, "objective", o)

@@ -435,6 +435,16 @@ class Stack:
         return "\n".join(out)
 
 
+def read_env(path: Path) -> dict[str, str]:
+    """The `export K=V` lines of a stack's env file, as a dict (what a client sets)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            out[key] = shlex.split(value)[0] if value else ""
+    return out
+
+
 def component_of(record_name: str) -> str:
     """`dask-worker-2` → `dask-workers`, `sshd` → `dvc-remote`; other records are named after their component."""
     if record_name.startswith("dask-worker-"):

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from stack.components import CLIENT_VARS, read_env  # noqa: F401 - read_env is the tests' too
 from tests.conftest import QUICK, REPO, edit_params
 
 BIN = Path(sys.executable).parent
-CLIENT_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILFLOW_SEARCH_STORAGE", "DISTILFLOW_DASK_ADDRESS")
 
 
 def stack_dir(prefix: str = "distilflow-stack-") -> Path:
@@ -51,16 +50,6 @@ def stack(*args: str, netns: str | None = None, timeout: float = 300, check: boo
             f"python -m stack {' '.join(args)}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
-
-
-def read_env(path: Path) -> dict[str, str]:
-    """The `export K=V` lines of a stack's env file."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line.removeprefix("export ").partition("=")
-            out[key] = shlex.split(value)[0] if value else ""
-    return out
 
 
 def password(stack_root: Path) -> str:

@@ -437,3 +437,30 @@ def test_a_teacher_search_writes_its_best_fine_tune_as_a_params_file_a_run_takes
     client, runs = _runs(project)
     finetune = [r for r in runs if r.info.run_name == "finetune" and r.data.params.get("train.lr")]
     assert any(float(r.data.params["train.lr"]) == pytest.approx(best.params["train.lr"]) for r in finetune)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_a_pruned_trial_does_not_break_the_next_ask_of_a_pareto_study(tmp_path, sampler):
+    """TPE reads a PRUNED trial's score through the study's single direction, which a two-objective study
+    has not: the next ask raised (found by the bench at the project's 15 epochs). A pruned trial is told so
+    that every sampler asks on, and it is still reported (and budgeted) as pruned."""
+    import optuna
+
+    from flows.search import _sampler, _summaries, is_pruned, tell_pruned
+
+    params = _params(tmp_path, {"sampler": sampler, "n_trials": 6, "workers": 2})
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=_sampler(params))
+    for i in range(4):  # past TPE's startup trials
+        trial = study.ask({"distill.temperature": optuna.distributions.FloatDistribution(1, 8)})
+        study._storage.set_trial_user_attr(trial._trial_id, "objective", None)
+        study.tell(trial, [0.9 + i / 100, 0.01 + i / 1000])
+    for step, value in enumerate([0.2, 0.3]):
+        pruned = study.ask({"distill.temperature": optuna.distributions.FloatDistribution(1, 8)})
+        study._storage.set_trial_intermediate_value(pruned._trial_id, step, value)
+    tell_pruned(study, pruned, "val accuracy 0.3 < median 0.9 at epoch 1")
+    nxt = study.ask({"distill.temperature": optuna.distributions.FloatDistribution(1, 8)})  # raised before
+    assert 1 <= nxt.params["distill.temperature"] <= 8
+    frozen = study.trials[pruned.number]
+    assert is_pruned(frozen) and not is_pruned(study.trials[0])
+    rows = {r["number"]: r for r in _summaries(study, 0.95, params)}
+    assert rows[pruned.number]["state"] == "pruned" and "median" in rows[pruned.number]["note"]

@@ -29,15 +29,18 @@ def _name(path: Path, given: str | None) -> str:
     return name
 
 
-def _place(source: Path, target: Path, link: bool, force: bool) -> bool:
-    """Copy or link `source` to `target`; True when a file was placed (False: it is already there)."""
+def _place(source: Path, target: Path, link: bool, force: bool) -> tuple[bool, Path | None]:
+    """Copy or link `source` to `target`: (placed, the replaced file's backup if --force replaced one)."""
+    backup = None
     if target.exists():
         if source.resolve() == target.resolve() or (
             target.stat().st_size == source.stat().st_size and _same(source, target)
         ):
-            return False
+            return False, None
         if not force:
             raise DistilflowError(f"add-data: {target} exists with other content; --force replaces it")
+        backup = target.with_name(f".{target.name}.{os.getpid()}.bak")
+        os.link(target, backup)  # put back if `dvc add` then fails
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -51,9 +54,13 @@ def _place(source: Path, target: Path, link: bool, force: bool) -> bool:
         else:
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
+    except BaseException:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
-    return True
+    return True, backup
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -92,13 +99,17 @@ def add_data(args) -> int:
         raise DistilflowError(f"add-data: {out} exists; --force rewrites it")
     for line in describe(report):
         print(line)
-    placed = _place(source, target, args.link, args.force)
+    placed, backup = _place(source, target, args.link, args.force)
     try:
         tracked = _dvc_add(root, target) if (root / ".dvc").is_dir() else None
     except BaseException:
-        if placed:
+        if backup is not None:
+            os.replace(backup, target)  # the file --force replaced, as it was
+        elif placed:
             target.unlink(missing_ok=True)
         raise
+    if backup is not None:
+        backup.unlink(missing_ok=True)
     raw = yaml.safe_load(params_file.read_text()) or {}
     raw["data"] = {
         **raw.get("data", {}),

@@ -120,9 +120,9 @@ def read_raw(
 
     Labels are kept as raw text (normalised later by `clean`); every check that
     can reject the file whole happens here, before anything is written. For a
-    table (no `data.image_shape`), `features` drops constant, near-constant and
-    ID-like columns and keeps few-valued text columns as categoricals; the plan
-    is appended to `plan_out` when given.
+    table (no `data.image_shape`), `columns` (params' `features:`) drops
+    constant, near-constant and ID-like columns and keeps few-valued text
+    columns as categoricals; the plan is appended to `plan_out` when given.
     """
     path = Path(source)
     if not path.exists():

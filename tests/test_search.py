@@ -16,6 +16,7 @@ import yaml
 
 from distilflow.errors import DistilflowError
 from distilflow.params import load_params
+from flows.search import is_pruned
 from tasks.search.front import constraint, hypervolume, pareto_mask, shortlist
 from tasks.search.pruning import median_rule
 from tasks.search.space import validate_space
@@ -192,7 +193,7 @@ def test_search_runs_trials_in_parallel_registers_the_pick_and_leaves_a_report(p
 
     study = _study(project)
     trials = study.get_trials()
-    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE or is_pruned(t) for t in trials)
     for t in trials:  # inside the declared space
         assert 4 <= t.params["distill.student_width"] <= 16 and 1 <= t.params["distill.temperature"] <= 8
 
@@ -331,31 +332,34 @@ def test_a_search_killed_with_sigkill_resumes_keeping_its_completed_trials(proje
 
     _quick(project, workers=1, n_trials=4)
     edit_params(project, distill={"epochs": 12})  # trials long enough to be killed inside one
+    log = open(project / "search.log", "w")  # noqa: SIM115 - closed below, after the kill
     proc = subprocess.Popen(
         [sys.executable, "-m", "distilflow", "search", "--params", str(project / "params.yaml")],
         cwd=REPO,
         env=_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     deadline = time.monotonic() + 400
     before = []
     while time.monotonic() < deadline:  # one trial done, the next one running: kill the whole process group
         time.sleep(0.5)
+        assert proc.poll() is None, (project / "search.log").read_text()[-3000:]
         if not (project / ".distilflow/search.db").exists():
             continue
         try:
             trials = _study(project).trials
         except Exception:  # noqa: BLE001 - the study is being created
             continue
-        done = [t.number for t in trials if t.state == TrialState.COMPLETE]
+        done = [t.number for t in trials if t.state == TrialState.COMPLETE or is_pruned(t)]
         if done and any(t.state == TrialState.RUNNING for t in trials):
             before = done
             break
-    assert before, "the search never reached its second trial"
+    assert before, "the search never reached its second trial\n" + (project / "search.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    log.close()
     time.sleep(1)
 
     again = _search(project)
@@ -363,10 +367,10 @@ def test_a_search_killed_with_sigkill_resumes_keeping_its_completed_trials(proje
     assert "marked failed (not counted)" in again.stdout + again.stderr
     trials = _study(project).trials
     for number in before:
-        assert trials[number].state == TrialState.COMPLETE  # kept, not rerun
-    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+        assert trials[number].state == TrialState.COMPLETE or is_pruned(trials[number])  # kept, not rerun
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and not is_pruned(t)]
     assert len(interrupted) == 1 and "interrupted" in interrupted[0].user_attrs["fail_reason"]
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4  # the budget, not counting it
+    assert sum(t.state == TrialState.COMPLETE or is_pruned(t) for t in trials) == 4  # the budget, not counting it
     client, runs = _runs(project)
     assert all(r.info.status != "RUNNING" for r in runs)
     parents = [r for r in runs if r.info.run_name == "search-distilflow-digits-student"]
@@ -387,7 +391,7 @@ def test_trials_run_on_a_dask_localcluster_with_two_worker_processes(project):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting temporary server" not in proc.stderr  # the workers report to the search's API
     study = _study(project)
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+    assert sum(t.state.name == "COMPLETE" or is_pruned(t) for t in study.trials) == 4
     pids = {t.user_attrs.get("pid") for t in study.trials}
     assert pids <= worker_pids and len(pids) == 2  # both worker processes ran trials
     _, runs = _runs(project)

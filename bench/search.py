@@ -34,14 +34,6 @@ from pathlib import Path
 from bench.common import check, client_env, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = [  # short trials and teacher: the figures keep their meaning, the minutes drop
-    "train.epochs=3",
-    "transfer.epochs=3",
-    "distill.epochs=3",
-    "pretrain.train.epochs=1",
-    "evaluate.repeats=5",
-    "select.max_drop=0.1",
-]
 
 
 def distilflow(project: Path, *args: str, overrides: list[str], env: dict[str, str] | None = None):
@@ -168,11 +160,11 @@ def run(
     workdir: Path | None = None,
 ) -> dict:
     """The search family (see the module docstring); `quick` shortens every trial's epochs."""
-    from bench.orchestration import make_project
+    from bench.orchestration import QUICK_OVERRIDES, make_project
     from tasks.search.front import OBJECTIVE_FIELD
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-search-"))
-    base = list(QUICK if quick else [])
+    base = list(QUICK_OVERRIDES if quick else [])  # the orchestration family's short settings
     cost = OBJECTIVE_FIELD["latency_b1"]
     products, hv, per_seed = [], [], []
     try:

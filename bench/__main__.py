@@ -18,6 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
+from distilflow.layout import Layout
+
 FAMILIES = ("data_scale", "training", "orchestration", "quality", "compression", "serving", "search", "stack")
 
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.append(s)
 
         def demo():
-            if not (project / "artifacts/teacher").exists():  # orchestration not run: build the demo artifacts here
+            if not Layout(project).teacher.exists():  # orchestration not run: build the demo artifacts here
                 orch.make_project(project)
                 orch.plain_pipeline(load_params(project / "params.yaml", orch.QUICK_OVERRIDES if q else []), project)
             return cp.from_layout("digits-demo", project, work / "cmp-demo", repeats=reps)

@@ -9,7 +9,7 @@ saw the same machine at the same moments.
 
 fp32 runtimes of the same model: eager PyTorch, `torch.compile` (inductor)
 and ONNX Runtime fp32; the int8 model is ONNX Runtime static QDQ
-(`tasks/quantize.py:quantize_int8`, the pipeline's defaults and remedies).
+(`tasks/quantization/policy.py:quantize_int8`, the pipeline's defaults and remedies).
 The teacher is quantized with the same recipe too, so "int8 vs the same
 model in fp32" is measured on a small and on a bigger model.
 """
@@ -59,7 +59,8 @@ def compare(
     from distilflow.params import QuantizeParams
     from tasks.evaluate import evaluate_variant, load_variant
     from tasks.inference import OnnxPredictor
-    from tasks.quantize import export_onnx, quantize_int8
+    from tasks.onnx_export import export_onnx
+    from tasks.quantization.policy import quantize_int8
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ def measure(
 ) -> dict:
     """Per-epoch samples/s of fit() with these settings: `pairs` runs after a warm-up run."""
     from distilflow.params import TrainParams
-    from tasks.engine import fit
+    from tasks.finetuning import fit
 
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
     initial = copy.deepcopy(model.state_dict())

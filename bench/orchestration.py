@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from bench.common import Stopwatch, check, summarize
+from distilflow.layout import Layout
+from distilflow.settings import ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CHANGE = "distill.temperature=2.0"  # the one-param change of the caching benchmark
@@ -45,7 +47,7 @@ def make_project(root: Path) -> Path:
 
     (root / "data/raw").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    export_digits(root / "data/raw/digits.csv")
+    export_digits(Layout(root).demo_data)
     return root
 
 
@@ -60,7 +62,7 @@ def plain_pipeline(params, root: Path) -> list[str]:
     """
     from distilflow.layout import Layout
     from distilflow.stages import PRETRAIN, stages_for
-    from flows.stages import run_plain
+    from tasks.stage_runner import run_plain
 
     layout = Layout(root)
     ran = []
@@ -92,7 +94,7 @@ def plain_pipeline(params, root: Path) -> list[str]:
 
 def _instrument_stages(sw: Stopwatch) -> None:
     """Time every stage function, on both sides: the flow's tasks and run_plain call them through FUNCTIONS."""
-    from flows import stages
+    from tasks import stage_runner as stages
 
     for name in list(stages.FUNCTIONS):
         sw.wrap(stages.FUNCTIONS, name, f"stage.{name}")
@@ -101,7 +103,7 @@ def _instrument_stages(sw: Stopwatch) -> None:
 def _child_plain(root: Path, overrides: list[str]) -> dict:
     sw = Stopwatch()
     with sw("import"):
-        import flows.stages  # noqa: F401 - every stage module
+        import tasks.stage_runner  # noqa: F401 - every stage module
         from distilflow.params import load_params
     _instrument_stages(sw)
     params = load_params(root / "params.yaml", overrides)
@@ -129,8 +131,9 @@ def _child_prefect(root: Path, overrides: list[str]) -> dict:
     with sw("import.project"):
         import distilflow.tracking as tracking
         import flows.pipeline as fp
+        from distilflow.layout import Layout
         from distilflow.params import load_params
-        from distilflow.tracking import Run, Tracker, default_tracking_uri
+        from distilflow.tracking import Run, Tracker
     _instrument_stages(sw)
     sw.wrap(prefect_server.SubprocessASGIServer, "start", "prefect.api_start")
     for attr in ("__init__", "experiment_id", "model_version"):
@@ -145,7 +148,7 @@ def _child_prefect(root: Path, overrides: list[str]) -> dict:
     cli._install_log_filter()
     params = load_params(root / "params.yaml", overrides)
     with sw("pipeline"):
-        summary = fp.pipeline(params=params, root=str(root), tracking_uri=default_tracking_uri(root))
+        summary = fp.pipeline(params=params, root=str(root), tracking_uri=Layout(root).tracking_uri())
     return {"stages": summary["stages"], "timings": sw.totals, "counts": sw.counts}
 
 
@@ -181,7 +184,7 @@ def _children_cpu_s() -> float:
 
 
 def _env(prefect_home: Path, api_url: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV["tracking_uri"], ENV["prefect_api_url"])}
     env.update(
         PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -192,7 +195,7 @@ def _env(prefect_home: Path, api_url: str | None = None) -> dict:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
     if api_url:
-        env["PREFECT_API_URL"] = api_url
+        env[ENV["prefect_api_url"]] = api_url
     return env
 
 

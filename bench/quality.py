@@ -55,7 +55,7 @@ def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
     from distilflow.params import BackboneParams, SplitParams, TrainParams
     from tasks.backbones import load_backbone
     from tasks.data import export_digits
-    from tasks.engine import fit
+    from tasks.finetuning import fit
     from tasks.preprocessing import apply_normalizer, fit_normalizer
     from tasks.splits import LABEL, stratified_split
 
@@ -89,11 +89,11 @@ def one_run(source, source_arch, data: dict, budget: int, seed: int, epochs: int
     from distilflow.errors import DistilflowError
     from distilflow.params import DistillParams, QuantizeParams, TrainParams
     from tasks.backbones import _transfer, build_classifier
-    from tasks.engine import fit
+    from tasks.finetuning import fit
     from tasks.inference import OnnxPredictor
     from tasks.kd import distill, make_student, train_without_kd
     from tasks.metrics import accuracy
-    from tasks.quantize import quantize_int8
+    from tasks.quantization.policy import quantize_int8
     from tasks.splits import label_budget_subset
 
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 from bench.common import check, client_env, summarize
+from distilflow.layout import Layout
+from distilflow.uris import sqlite_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,7 @@ def trials_of(project: Path, study: str, storage: str | None = None) -> list:
     import optuna
     from optuna.trial import TrialState
 
-    url = storage or f"sqlite:///{project / '.distilflow' / 'search.db'}"
+    url = storage or sqlite_uri(Layout(project).search_db)
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return [t for t in optuna.load_study(study_name=study, storage=url).trials if t.state in done]
 
@@ -103,18 +105,18 @@ def product_figures(compression_json: Path, variant: str) -> dict:
 def _default_product(project: Path) -> dict:
     from distilflow.io import read_json
 
-    pick = read_json(project / "reports/selection.json")["pick"]
-    return product_figures(project / "reports/compression.json", pick["variant"])
+    pick = read_json(Layout(project).selection)["pick"]
+    return product_figures(Layout(project).compression_json, pick["variant"])
 
 
 def _searched_product(project: Path, study: str) -> dict:
     from distilflow.io import read_json
 
-    summary = read_json(project / "reports/search.json")
+    summary = read_json(Layout(project).search_json)
     pick, number = summary["choice"]["pick"], summary["pick_trial"]
-    trial_dir = project / ".distilflow" / "search" / study / f"trial-{number:04d}"
+    trial_dir = Layout(project).trial(study, number)
     local = pick["variant"].split(": ", 1)[1]
-    return {"trial": number, **product_figures(trial_dir / "reports/compression.json", local)}
+    return {"trial": number, **product_figures(Layout(trial_dir).compression_json, local)}
 
 
 def shared_hypervolume(fronts: dict[str, list[tuple[float, float]]]) -> dict[str, float]:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 from bench.common import check, interleaved_timings, summarize
+from distilflow.layout import Layout
+from distilflow.settings import ENV
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -53,7 +55,7 @@ def _project(root: Path, env: dict) -> Path:
 
     (root / "data/raw").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    export_digits(root / "data/raw/digits.csv")
+    export_digits(Layout(root).demo_data)
     cmd = [sys.executable, "-m", "distilflow", "run", "--params", str(root / "params.yaml")]
     cmd += [a for o in OVERRIDES for a in ("--set", o)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
@@ -72,17 +74,17 @@ def run(repeats: int = 300, score_runs: int = 5, workdir: Path | None = None) ->
     from tasks.preprocessing import apply_normalizer
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-serving-"))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV["tracking_uri"], ENV["prefect_api_url"])}
     env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO))
     root = _project(work / "project", env)
     layout = Layout(root)
     pick = read_json(layout.selection)["pick"]
     pre = read_json(layout.preprocessor)
-    raw = pd.read_csv(root / "data/raw/digits.csv").drop(columns=["label"]).head(1)
+    raw = pd.read_csv(Layout(root).demo_data).drop(columns=["label"]).head(1)
     bare = load_predictor(layout.candidates / pick["candidate"], threads=2)
     row = apply_normalizer(pre, raw)
     uri = "models:/distilflow-digits@challenger"
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_tracking_uri(Layout(root).tracking_uri())
     (work / "model").mkdir(parents=True, exist_ok=True)
     served = mlflow.pyfunc.load_model(uri, dst_path=str(work / "model"))
 
@@ -133,7 +135,7 @@ def run(repeats: int = 300, score_runs: int = 5, workdir: Path | None = None) ->
         server.wait(timeout=30)
     ms = {name: {k: (v * 1e3 if k != "n" else v) for k, v in t.items()} for name, t in timings.items()}
 
-    raw5 = pd.read_csv(root / "data/raw/digits.csv").head(5)
+    raw5 = pd.read_csv(Layout(root).demo_data).head(5)
     raw5.to_csv(work / "five.csv", index=False)
     starts = []
     for _ in range(score_runs):

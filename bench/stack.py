@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 from bench.common import check, client_env, summarize
+from distilflow.layout import Layout
+from distilflow.settings import ENV
 from stack.components import read_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ OVERRIDES = [
 def _project(root: Path, digits: Path) -> Path:
     (root / "data/raw").mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copy(digits, root / "data/raw/digits.csv")
+    shutil.copy(digits, Layout(root).demo_data)
     return root
 
 
@@ -101,14 +103,14 @@ def _batch(label: str, work: Path, digits: Path, n: int, env_extra: dict[str, st
             said = [line for line in text.splitlines() if line.startswith("distilflow: error:")]
             last = (said or text.splitlines() or ["no output"])[-1]
             reasons.append(f"exit {rc}: {last[:200]}")
-        elif "MLFLOW_TRACKING_URI" not in env_extra:
-            left = _running_runs(f"sqlite:///{project / 'mlflow.db'}")
+        elif ENV["tracking_uri"] not in env_extra:
+            left = _running_runs(Layout(project).tracking_uri())
             if left:
                 errors += 1
                 reasons.append(f"{left} MLflow run(s) left RUNNING")
     batch_s = time.perf_counter() - t0
-    if "MLFLOW_TRACKING_URI" in env_extra:
-        left = _running_runs(env_extra["MLFLOW_TRACKING_URI"])
+    if ENV["tracking_uri"] in env_extra:
+        left = _running_runs(env_extra[ENV["tracking_uri"]])
         if left:
             errors += 1
             reasons.append(f"{left} MLflow run(s) left RUNNING on the server")
@@ -150,7 +152,7 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
     contenders = {"postgresql_stack": {}, "sqlite_default": {}}
     try:
         stack_env = read_env(stack_dir / "env")
-        stack_env = {k: stack_env[k] for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+        stack_env = {k: stack_env[k] for k in (ENV["tracking_uri"], ENV["prefect_api_url"])}
         results: dict[str, list[dict]] = {name: [] for name in contenders}
         for r in range(rounds):
             order = ["postgresql_stack", "sqlite_default"] if r % 2 == 0 else ["sqlite_default", "postgresql_stack"]

@@ -1,4 +1,5 @@
-"""6. Training throughput: `tasks/engine.py:fit` (the one loop) against a bare PyTorch loop, same model and data.
+"""6. Training throughput: `tasks/finetuning.py:fit` (on the one loop, `tasks/engine.py:train`) against a bare
+PyTorch loop, same model and data.
 
 The bare loop is the floor any trainer pays: forward, cross-entropy,
 backward, AdamW step (torch's default implementation, as a user writes it),
@@ -90,7 +91,7 @@ def compare_fit(
     processes on the machine disturb least.
     """
     from distilflow.params import TrainParams
-    from tasks.engine import fit
+    from tasks.finetuning import fit
 
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
     cfg = TrainParams(epochs=epochs, batch_size=batch_size, patience=epochs, device="cpu")
@@ -167,7 +168,7 @@ def ddp_scaling(model: torch.nn.Module, data: dict, epochs: int, pairs: int, ima
     shows what data parallelism costs or saves against intra-op threads; it says nothing of GPUs.
     """
     from distilflow.params import TrainParams
-    from tasks.engine import fit
+    from tasks.finetuning import fit
 
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
     initial = copy.deepcopy(model.state_dict())

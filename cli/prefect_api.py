@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 
 from distilflow.errors import DistilflowError
+from distilflow.settings import ENV
 
 
 def _free_port() -> int:
@@ -118,6 +119,20 @@ def _wait_for_api(url: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
 
 
 @contextlib.contextmanager
+def _exported(var: str, value: str) -> Iterator[None]:
+    """`var=value` in this process's environment for the block (what child processes inherit), then as before."""
+    previous = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = previous
+
+
+@contextlib.contextmanager
 def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
     """Yield the API URL in use: the configured server's, or a temporary one's started for this block."""
     import prefect
@@ -171,19 +186,12 @@ def temporary_api(timeout_s: float = 120.0) -> Iterator[str | None]:
         # settings for threads that copy no context (the process pool's log forwarder)
         from prefect.context import SettingsContext, _temporary_global_settings_context
 
-        previous = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with (
-                temporary_settings(updates={PREFECT_API_URL: url}),
-                _temporary_global_settings_context(SettingsContext.get()),
-            ):
-                yield url
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+        with (
+            _exported(ENV["prefect_api_url"], url),
+            temporary_settings(updates={PREFECT_API_URL: url}),
+            _temporary_global_settings_context(SettingsContext.get()),
+        ):
+            yield url
     finally:
         _flush_logs()
         if server is not None:

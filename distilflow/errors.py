@@ -5,6 +5,11 @@ Every check at a boundary (params, input data, model specs) raises
 there is one, the fix. The CLI prints that message alone and exits non-zero.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class DistilflowError(Exception):
     """A user-facing error: bad params, bad input data, an unusable spec."""
@@ -29,3 +34,21 @@ def quiet_user_error_tracebacks() -> None:
         logger.addFilter(flt)
         for handler in logger.handlers:
             handler.addFilter(flt)
+
+
+def one_line_errors(run: Callable[[], int], errors: type | tuple[type, ...], interrupted: str = "interrupted") -> int:
+    """`run()`'s exit code; a user error (`errors`) is one `distilflow: error:` line and 1, Ctrl-C one line and 130.
+
+    The one error handler of the project's command lines (the CLI and `python -m stack`); credentials in a
+    message are hidden (distilflow/redact.py).
+    """
+    from distilflow.redact import redact
+
+    try:
+        return run()
+    except errors as exc:
+        print(f"distilflow: error: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"distilflow: {interrupted}", file=sys.stderr)
+        return 130

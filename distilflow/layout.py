@@ -1,15 +1,21 @@
-"""Where each stage reads and writes: the one place that names every file (Kedro's catalog idea).
+"""The catalog: the one place that names every file the project reads or writes by default (Kedro's idea).
 
 `PATHS` maps a name to a path relative to the project root. Stages declare
 their inputs and outputs by these names (distilflow/stages.py), `dvc.yaml` is
 generated from those declarations, and `distilflow/uptodate.py` reads them,
-so a path is written down once.
+so a path is written down once. The rest of what a project holds is named
+here too: the demo data, the embedded MLflow store, the run state under
+`.distilflow/`, the search's study storage, trial folders and reports, and
+the bench's results; the Makefile's demo-data path is checked against it
+(tests/test_layout.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from distilflow.uris import sqlite_uri
 
 PATHS: dict[str, str] = {
     # data stages
@@ -52,8 +58,25 @@ PATHS: dict[str, str] = {
     # scratch space and the pretrain flow's output (not pipeline outputs)
     "checkpoints": "artifacts/checkpoints",
     "pretrained": "artifacts/pretrained",
+    # the demo data (`make data`, `distilflow demo-data`): scikit-learn's digits, DVC-tracked
+    "demo_data": "data/raw/digits.csv",
+    # the embedded MLflow store, unless MLFLOW_TRACKING_URI names another (distilflow/settings.py)
+    "mlflow_db": "mlflow.db",
+    "mlartifacts": "mlartifacts",
+    # run state: one run per project (an flock), the last complete run, what a failed run puts back
+    "state": ".distilflow",
+    "run_lock": ".distilflow/run.lock",
+    "last_run": ".distilflow/last-run.json",
+    # `distilflow search`: the default study storage, each study's inputs and trial folders, its reports
+    "search_db": ".distilflow/search.db",
+    "studies": ".distilflow/search",
+    "search_report": "reports/search.md",
+    "search_json": "reports/search.json",
+    "search_plot": "reports/search_pareto.png",
+    "searched_params": "params.searched.yaml",
+    # `make bench`: one JSON and one Markdown file per day and host
+    "bench_results": "bench/results",
 }
-OUTPUT_ROOTS = ("data/interim", "data/split", "artifacts", "reports")
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,22 @@ class Layout:
     def checkpoint(self, stage: str, key: str) -> Path:
         """A stage's per-epoch checkpoint, keyed by everything that shapes its run."""
         return self.path("checkpoints") / f"{stage}-{key}.pt"
+
+    def tracking_uri(self, configured: str | None = None) -> str:
+        """The MLflow store: `configured` (MLFLOW_TRACKING_URI, a server) or the embedded SQLite one."""
+        return configured or sqlite_uri(self.path("mlflow_db"))
+
+    def study(self, name: str) -> Path:
+        """A search study's folder: its snapshot of the shared inputs, its trials, its lock."""
+        return self.path("studies") / name
+
+    def study_inputs(self, name: str) -> Path:
+        """The study's snapshot of the shared inputs, which every trial links to (a layout of its own)."""
+        return self.study(name) / "inputs"
+
+    def trial(self, study: str, number: int) -> Path:
+        """One trial's folder, a project layout of its own."""
+        return self.study(study) / f"trial-{number:04d}"
 
     def resolve(self, path: str | Path) -> Path:
         """A params path (relative to the project root) as an absolute path."""

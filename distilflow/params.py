@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distilflow.errors import DistilflowError
 from distilflow.hashing import params_hash
+from distilflow.layout import PATHS
 
 Label = int | str
 
@@ -27,7 +28,7 @@ class Section(BaseModel):
 class DataParams(Section):
     """Where the raw data is and how to read it."""
 
-    source: str = "data/raw/digits.csv"
+    source: str = PATHS["demo_data"]
     label_column: str = "label"
     path_column: str = "path"
     separator: str = ","  # of a CSV source; `distilflow add-data` writes what it detects

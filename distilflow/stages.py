@@ -22,7 +22,7 @@ from distilflow.params import Params
 Dep = str | Callable[[Params], str | None]
 # params values derived from others (a property of a section) and the params.yaml keys they come from
 DERIVED = {"split.n_parts": ("split.train", "split.val", "split.test")}
-SPLIT_INPUTS: dict[str, Dep] = {"train": "train", "val": "val", "test": "test", "preprocessor": "preprocessor"}
+SPLIT_INPUTS: dict[str, Dep] = {name: name for name in ("train", "val", "test", "preprocessor")}
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,11 @@ class Stage:
         return {k: params.get(key) for k, key in self.params.items()}
 
 
+def same(*names: str) -> dict[str, str]:
+    """Arguments named after the catalog entries they are: `same("teacher")` is `{"teacher": "teacher"}`."""
+    return {name: name for name in names}
+
+
 def _if(switch: str, name: str) -> Callable[[Params], str | None]:
     def dep(params: Params) -> str | None:
         return name if params.get(switch) else None
@@ -62,19 +67,24 @@ def _if(switch: str, name: str) -> Callable[[Params], str | None]:
     return dep
 
 
+PRUNED = _if("prune.enabled", "student_pruned")  # the pruned student, read only when pruning is on
+# the params of every stage that fine-tunes the backbone, and of those that train a student
+FINE_TUNE = {"spec": "backbone", "train_params": "train", "seed": "seed", "image_shape": "data.image_shape"}
+TRAINING = {"seed": "seed", "device": "train.device", "threads": "train.threads"}
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest",
         "tasks/data.py",
         deps={"source": "param:data.source"},
-        outs={"ingested": "ingested"},
+        outs=same("ingested"),
         params={"data": "data", "features": "features"},
     ),
     Stage(
         "clean",
         "tasks/data.py",
         deps={"ingested": "ingested"},
-        outs={"cleaned": "cleaned", "cleaning_report": "cleaning_report"},
+        outs=same("cleaned", "cleaning_report"),
         params={
             "clean": "clean",
             "classes": "data.classes",
@@ -87,14 +97,14 @@ STAGES: tuple[Stage, ...] = (
         "split",
         "tasks/data.py",
         deps={"cleaned": "cleaned"},
-        outs={"train": "train", "val": "val", "test": "test", "split_report": "split_report"},
+        outs=same("train", "val", "test", "split_report"),
         params={"split": "split", "seed": "seed"},
     ),
     Stage(
         "normalize",
         "tasks/data.py",
         deps={"train": "train"},
-        outs={"preprocessor": "preprocessor"},
+        outs=same("preprocessor"),
         params={
             "method": "normalize.method",
             "image_shape": "data.image_shape",
@@ -106,7 +116,7 @@ STAGES: tuple[Stage, ...] = (
         "baseline",
         "tasks/baseline.py",
         deps=dict(SPLIT_INPUTS),
-        outs={"baseline_report": "baseline_report"},
+        outs=same("baseline_report"),
         params={"image_shape": "data.image_shape", "seed": "seed"},
         when="evaluate.baseline",
         metrics=("baseline_report",),
@@ -114,23 +124,17 @@ STAGES: tuple[Stage, ...] = (
     # resolves backbone.spec once per run (pretraining the demo's backbone if needed) into artifacts/backbone/
     Stage(
         "backbone",
-        "flows/backbone.py",
+        "tasks/backbone_source.py",
         deps={},
-        outs={"backbone": "backbone"},
+        outs=same("backbone"),
         params={"spec": "backbone", "pretrain": "pretrain", "seed": "seed"},
     ),
     Stage(
         "finetune",
         "tasks/finetune.py",
-        deps={**SPLIT_INPUTS, "backbone": "backbone"},
-        outs={
-            "teacher": "teacher",
-            "teacher_metrics": "teacher_metrics",
-            "teacher_history": "teacher_history",
-            "teacher_curve": "teacher_curve",
-            "teacher_confusion": "teacher_confusion",
-        },
-        params={"spec": "backbone", "train_params": "train", "seed": "seed", "image_shape": "data.image_shape"},
+        deps={**SPLIT_INPUTS, **same("backbone")},
+        outs=same("teacher", "teacher_metrics", "teacher_history", "teacher_curve", "teacher_confusion"),
+        params={**FINE_TUNE},
         metrics=("teacher_metrics",),
         plots=("teacher_history", "teacher_curve", "teacher_confusion"),
         scratch=("checkpoints",),
@@ -138,15 +142,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "transfer_gain",
         "tasks/transfer.py",
-        deps={**SPLIT_INPUTS, "backbone": "backbone"},
-        outs={"transfer_report": "transfer_report"},
-        params={
-            "spec": "backbone",
-            "train_params": "train",
-            "transfer": "transfer",
-            "seed": "seed",
-            "image_shape": "data.image_shape",
-        },
+        deps={**SPLIT_INPUTS, **same("backbone")},
+        outs=same("transfer_report"),
+        params={**FINE_TUNE, "transfer": "transfer"},
         # a built-in backbone starts from scratch: there is no pretrained start to compare with scratch
         when=lambda p: p.transfer.enabled and not p.backbone.spec.startswith("builtin:"),
         metrics=("transfer_report",),
@@ -154,16 +152,11 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "distill",
         "tasks/distill.py",
-        deps={**SPLIT_INPUTS, "teacher": "teacher"},
-        outs={
-            "student": "student",
-            "student_nokd": "student_nokd",
-            "student_metrics": "student_metrics",
-            "student_history": "student_history",
-            "student_curve": "student_curve",
-            "student_confusion": "student_confusion",
-        },
-        params={"cfg": "distill", "seed": "seed", "device": "train.device", "threads": "train.threads"},
+        deps={**SPLIT_INPUTS, **same("teacher")},
+        outs=same(
+            "student", "student_nokd", "student_metrics", "student_history", "student_curve", "student_confusion"
+        ),
+        params={"cfg": "distill", **TRAINING},
         when="distill.enabled",
         metrics=("student_metrics",),
         plots=("student_history", "student_curve", "student_confusion"),
@@ -172,29 +165,17 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "prune",
         "tasks/prune.py",
-        deps={**SPLIT_INPUTS, "student": "student", "teacher": "teacher"},
-        outs={"student_pruned": "student_pruned", "prune_report": "prune_report"},
-        params={
-            "cfg": "prune",
-            "distill_cfg": "distill",
-            "seed": "seed",
-            "device": "train.device",
-            "threads": "train.threads",
-        },
+        deps={**SPLIT_INPUTS, **same("student", "teacher")},
+        outs=same("student_pruned", "prune_report"),
+        params={"cfg": "prune", "distill_cfg": "distill", **TRAINING},
         when="prune.enabled",
         metrics=("prune_report",),
     ),
     Stage(
         "quantize",
         "tasks/quantize.py",
-        deps={
-            **SPLIT_INPUTS,
-            "student": "student",
-            "student_nokd": "student_nokd",
-            "student_pruned": _if("prune.enabled", "student_pruned"),
-            "teacher": "teacher",
-        },
-        outs={"candidates": "candidates", "teacher_int8": "teacher_int8", "quantize_report": "quantize_report"},
+        deps={**SPLIT_INPUTS, **same("student", "student_nokd"), "student_pruned": PRUNED, **same("teacher")},
+        outs=same("candidates", "teacher_int8", "quantize_report"),
         params={"cfg": "quantize", "seed": "seed", "threads": "evaluate.threads"},
         when="distill.enabled",
         metrics=("quantize_report",),
@@ -204,21 +185,14 @@ STAGES: tuple[Stage, ...] = (
         "tasks/evaluate.py",
         deps={
             **SPLIT_INPUTS,
-            "teacher": "teacher",
-            "student": "student",
-            "student_nokd": "student_nokd",
-            "student_pruned": _if("prune.enabled", "student_pruned"),
-            "candidates": "candidates",
+            **same("teacher", "student", "student_nokd"),
+            "student_pruned": PRUNED,
+            **same("candidates"),
             "teacher_int8": _if("quantize.enabled", "teacher_int8"),
             "prune_report": _if("prune.enabled", "prune_report"),
-            "quantize_report": "quantize_report",
+            **same("quantize_report"),
         },
-        outs={
-            "compression_report": "compression_report",
-            "compression_json": "compression_json",
-            "pareto": "pareto",
-            "metrics": "metrics",
-        },
+        outs=same("compression_report", "compression_json", "pareto", "metrics"),
         params={"threads": "evaluate.threads", "repeats": "evaluate.repeats"},
         when="distill.enabled",
         metrics=("metrics",),
@@ -227,12 +201,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "select",
         "tasks/select.py",
-        deps={
-            "compression_json": "compression_json",
-            "teacher_metrics": "teacher_metrics",
-            "split_report": "split_report",
-        },
-        outs={"selection": "selection"},
+        deps=same("compression_json", "teacher_metrics", "split_report"),
+        outs=same("selection"),
         params={"cfg": "select"},
         when="distill.enabled",
         metrics=("selection",),
@@ -244,7 +214,7 @@ PRETRAIN = Stage(
     "pretrain",
     "tasks/pretrain.py",
     deps={},
-    outs={"pretrained": "pretrained"},
+    outs=same("pretrained"),
     params={"pretrain": "pretrain", "seed": "seed"},
 )
 DATA_STAGES = ("ingest", "clean", "split", "normalize")

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilflow.errors import DistilflowError
+from distilflow.layout import Layout
 from distilflow.redact import redact
+from distilflow.uris import is_http, parse_models_uri, sqlite_path
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "distilflow.stage"
@@ -29,37 +31,6 @@ NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's Descript
 # The MLflow UI opens an experiment in its classic "model training" view with this tag (older 3.x UIs), or with
 # ?workflowType=machine_learning in the URL (3.17's UI decides by that setting; see ui_url).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/name@alias` → (name, alias, None); `models:/name/3` → (name, None, "3"). The one parser of them."""
-    ref = uri.removeprefix("models:/") if uri.startswith("models:/") else None
-    name, sep, alias = (ref or "").partition("@")
-    if ref and sep and name and alias and "/" not in name:
-        return name, alias, None
-    name, _, version = (ref or "").partition("/")
-    if ref and name and version.isdigit():
-        return name, None, version
-    raise DistilflowError(
-        f"{uri!r} is not a registered model URI: use models:/<name>@<alias> or models:/<name>/<version>"
-    )
-
-
-def default_tracking_uri(root: Path) -> str:
-    """The embedded store: SQLite beside the project, artifacts in mlartifacts/."""
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set (a server), else the embedded store: read only at the edges (CLI, deployments)."""
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-
-
-def artifact_root(root: Path) -> str:
-    """The embedded store's artifact folder (mlartifacts/) as a URI."""
-    return (Path(root).resolve() / "mlartifacts").as_uri()
 
 
 def git_commit(root: Path) -> str:
@@ -96,7 +67,7 @@ def run_name(params, overrides: list[str] | None = None) -> str:
 
 def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
     """A link that opens the run (or experiment) in the MLflow UI's model-training view, for a server URI."""
-    if not tracking_uri.startswith(("http://", "https://")):
+    if not is_http(tracking_uri):
         return None
     path = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
     return f"{tracking_uri.rstrip('/')}/#/{path}?workflowType=machine_learning"
@@ -146,7 +117,7 @@ def check_store(uri: str, attempts: int = 3, backoff_s: float = 1.0) -> None:
     MLflow's SQLAlchemy store retries a refused connection for minutes; a wrong
     password or a stopped database should be one line within seconds.
     """
-    if uri.startswith(("http://", "https://")):
+    if is_http(uri):
         wait_for_server(uri, attempts, backoff_s)
         return
     if "://" not in uri or uri.startswith(("sqlite:", "file:")):
@@ -238,7 +209,7 @@ class Tracker:
         uri = uri.get_secret_value() if hasattr(uri, "get_secret_value") else uri
         self.uri = uri
         self.root = Path(root)
-        if uri.startswith(("http://", "https://")):
+        if is_http(uri):
             wait_for_server(uri)
         try:
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -253,7 +224,8 @@ class Tracker:
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
                 return exp.experiment_id
-            location = artifact_root(self.root) + f"/{name}" if self.uri.startswith("sqlite:") else None
+            # the embedded store keeps its artifacts beside it, in the catalog's mlartifacts/
+            location = Layout(self.root).mlartifacts.as_uri() + f"/{name}" if sqlite_path(self.uri) else None
             return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except DistilflowError:
             raise
@@ -267,16 +239,21 @@ class Tracker:
         self, experiment: str, name: str, tags: dict[str, str] | None = None, parent: Run | None = None
     ) -> Iterator[Run]:
         """A run that ends FINISHED on success, FAILED on error, KILLED on Ctrl-C."""
-        run = self.open(experiment, name, tags, parent)
+        with self.closing(self.open(experiment, name, tags, parent)) as run:
+            yield run
+
+    @contextmanager
+    def closing(self, run: Run) -> Iterator[Run]:
+        """End an open run when the block ends: FINISHED on success, FAILED on error, KILLED on Ctrl-C."""
         try:
             yield run
         except KeyboardInterrupt:
-            self.client.set_terminated(run.run_id, "KILLED")
+            self.close(run, "KILLED")
             raise
         except BaseException:
-            self.client.set_terminated(run.run_id, "FAILED")
+            self.close(run, "FAILED")
             raise
-        self.client.set_terminated(run.run_id, "FINISHED")
+        self.close(run, "FINISHED")
 
     def open(self, experiment: str, name: str, tags: dict[str, str] | None = None, parent: Run | None = None) -> Run:
         """A RUNNING run, owned by this process (its host and pid are tagged, for recovery after a crash).

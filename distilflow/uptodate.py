@@ -24,7 +24,6 @@ back. `run --force` always runs.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -33,10 +32,10 @@ from distilflow.inputs import manifest_images, runtime_versions
 from distilflow.io import write_json
 from distilflow.layout import Layout
 from distilflow.stages import stages_for
+from distilflow.uris import sqlite_path
 
-STAMP = ".distilflow/last-run.json"
 SOURCE = Path(__file__).resolve().parents[1]
-SOURCE_PACKAGES = ("distilflow", "tasks", "tasks/registry", "flows", "cli")
+SOURCE_PACKAGES = ("distilflow", "tasks", "flows", "cli")  # with their subpackages (tasks/registry, tasks/search)
 
 
 def _stats(path: Path, content: bool = False) -> list:
@@ -52,26 +51,29 @@ def _stats(path: Path, content: bool = False) -> list:
     return [entry for p in sorted(path.rglob("*")) if p.is_file() for entry in _stats(p, content)]
 
 
-def fingerprint(params, root: Path, tracking_uri: str, stop_after: str | None, content: bool = False) -> str | None:
+def fingerprint(
+    params, root: Path, tracking_uri: str, stop_after: str | None, prefect_api_url: str | None, content: bool = False
+) -> str | None:
     """What the last complete run must have seen for this one to be a no-op; None where that cannot be known.
 
     Files count by size and modification time, or with `content` (`run --check`) by their bytes' hash.
+    `prefect_api_url` is the configured server's (Settings), None for a temporary API.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    store = sqlite_path(tracking_uri)
+    if store is None:
         return None
     layout = Layout(root)
-    store = Path(tracking_uri.removeprefix("sqlite:///"))
     outputs = [layout.path(name) for stage in stages_for(params, stop_after) for name in stage.outs.values()]
     if stop_after is None and params.registry.enabled:
         outputs.append(layout.path("model_card"))
     source = layout.resolve(params.data.source)
-    files = [source, *manifest_images(source, params.data.path_column), store, layout.root / "mlartifacts"]
+    files = [source, *manifest_images(source, params.data.path_column), store, layout.mlartifacts]
     state = {
         "params": params.model_dump(mode="json"),
         "stop_after": stop_after,
         "tracking_uri": tracking_uri,
-        "prefect_api_url": os.environ.get("PREFECT_API_URL", ""),
-        "source": [e for pkg in SOURCE_PACKAGES for p in sorted((SOURCE / pkg).glob("*.py")) for e in _stats(p)],
+        "prefect_api_url": prefect_api_url or "",
+        "source": [e for pkg in SOURCE_PACKAGES for p in sorted((SOURCE / pkg).rglob("*.py")) for e in _stats(p)],
         "files": [e for p in files + outputs for e in _stats(p, content)],
         "versions": runtime_versions(),
     }
@@ -80,7 +82,7 @@ def fingerprint(params, root: Path, tracking_uri: str, stop_after: str | None, c
 
 def last_run(root: Path, current: str | None, key: str = "fingerprint") -> dict | None:
     """The last complete run's record when its fingerprint (or `key`: "content") is `current`, else None."""
-    path = Path(root) / STAMP
+    path = Layout(root).last_run
     if current is None or not path.is_file():
         return None
     try:
@@ -92,7 +94,7 @@ def last_run(root: Path, current: str | None, key: str = "fingerprint") -> dict 
 
 def record_run(root: Path, current: str | None, run_id: str, content: str | None = None) -> None:
     """Remember a complete run (after it finished writing, so its own outputs are in the fingerprint)."""
-    path = Path(root) / STAMP
+    path = Layout(root).last_run
     if current is None:
         path.unlink(missing_ok=True)
         return

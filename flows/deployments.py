@@ -20,8 +20,9 @@ from prefect import flow
 from pydantic import SecretStr
 
 from distilflow.errors import DistilflowError
+from distilflow.layout import Layout
 from distilflow.params import Params, load_params
-from distilflow.tracking import resolve_tracking_uri
+from distilflow.settings import Settings
 
 TRAIN, PROMOTE = "nightly", "promote"
 
@@ -29,7 +30,7 @@ TRAIN, PROMOTE = "nightly", "promote"
 def _load(params_file: str, overrides: list[str] | None) -> tuple[Params, Path, str]:
     params = load_params(params_file, overrides or [])
     root = Path(params_file).resolve().parent
-    return params, root, resolve_tracking_uri(root)
+    return params, root, Layout(root).tracking_uri(Settings.from_env().tracking_uri)  # the deployment's edge
 
 
 @flow(name="distilflow-scheduled-pipeline", log_prints=True)

@@ -1,7 +1,9 @@
-"""The pretrain flow: a backbone trained on MNIST and registered, the source for real transfer to digits.
+"""The pretrain flow: a backbone trained on MNIST and registered, a source for transfer to digits.
 
 It registers through the same all-or-nothing path as the pipeline
-(tasks/registry/registration.py), with the alias `pretrained`.
+(tasks/registry/registration.py), with the alias `pretrained`. A run whose
+`backbone.spec` names that model builds it first when it is missing or stale
+(`ensure_pretrained`, called by the pipeline flow and the `stage` command).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from prefect import flow
 from pydantic import SecretStr
 
 from distilflow.layout import Layout
-from distilflow.params import PretrainParams
+from distilflow.params import Params, PretrainParams
 from distilflow.stages import PRETRAIN
 from distilflow.tracking import Tracker, lineage_tags
-from flows.backbone import pretrain_fingerprint
 from flows.stages import run_task
+from tasks.backbone_source import pretrain_fingerprint, pretrained_is_current
+from tasks.registry.registration import Variant, register_variants
 
 ALIAS = "pretrained"
 
@@ -24,9 +27,6 @@ ALIAS = "pretrained"
 @flow(name="distilflow-pretrain", log_prints=True)
 def pretrain(pretrain_params: PretrainParams, seed: int, root: str, tracking_uri: str | SecretStr) -> dict:
     """Train the backbone on MNIST (cached by content) and register it as `<registered_model>@pretrained`."""
-    from distilflow.params import Params
-    from tasks.registry.registration import Variant, register_variants
-
     layout = Layout(root)
     tracker = Tracker(tracking_uri, layout.root)
     params = Params(pretrain=pretrain_params, seed=seed)
@@ -70,3 +70,10 @@ def pretrain(pretrain_params: PretrainParams, seed: int, root: str, tracking_uri
     version = registered["product"]
     print(f"registered {name} version {version} as @{ALIAS} (val accuracy {result.metrics['val.accuracy']:.4f})")
     return {"run_id": parent.run_id, "model": name, "version": version, "uri": f"models:/{name}@{ALIAS}"}
+
+
+def ensure_pretrained(params: Params, root: str, tracker: Tracker) -> None:
+    """Run the pretrain flow first when `backbone.spec` names its model and that is missing or stale."""
+    if not pretrained_is_current(params.backbone, params.pretrain, params.seed, tracker):
+        # Prefect stores a SecretStr parameter as ********
+        pretrain(pretrain_params=params.pretrain, seed=params.seed, root=root, tracking_uri=SecretStr(tracker.uri))

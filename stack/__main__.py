@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from distilflow.errors import one_line_errors
 from stack import StackError
 
 EPILOG = (
@@ -148,16 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn errors into one line and exit 1."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    try:
-        return _run(args)
-    except StackError as exc:
-        from distilflow.redact import redact
-
-        print(f"distilflow: error: {redact(str(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("distilflow: interrupted (what `up` started so far is stopped again)", file=sys.stderr)
-        return 130
+    return one_line_errors(lambda: _run(args), StackError, "interrupted (what `up` started so far is stopped again)")
 
 
 if __name__ == "__main__":

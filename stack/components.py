@@ -26,7 +26,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from distilflow.layout import Layout
 from distilflow.redact import redact
+from distilflow.settings import ENV
 from stack import StackError
 from stack import postgres as pg
 from stack.procs import (
@@ -48,7 +50,7 @@ COMPONENTS = ("postgres", "mlflow", "prefect", "dask-scheduler", "dask-workers")
 DEFAULT_PORTS = {"postgres": 5433, "mlflow": 5000, "prefect": 4200, "dask-scheduler": 8786, "ssh": 2222}
 BIN = Path(sys.executable).parent
 # what a client reads; never inherited by the servers from the shell that runs `up`
-CLIENT_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILFLOW_SEARCH_STORAGE", "DISTILFLOW_DASK_ADDRESS")
+CLIENT_VARS = tuple(ENV.values())  # what a client sets, and nothing else (distilflow/settings.py reads them)
 START_TIMEOUT_S = {"mlflow": 180, "prefect": 240, "dask-scheduler": 60, "dask-workers": 120}
 
 
@@ -62,7 +64,7 @@ class Paths:
         self.env = self.root / "env"
         self.pgpass = self.root / "pgpass"
         self.logs = self.root / "logs"
-        self.artifacts = self.root / "mlartifacts"
+        self.artifacts = Layout(self.root).mlartifacts  # the stack's MLflow server proxies its artifacts here
         self.prefect_home = self.root / "prefect"
         self.dask = self.root / "dask"
 
@@ -178,16 +180,16 @@ class Stack:
         """The variables a client sets to use this stack (the search storage URL holds the password)."""
         ep, env = self.endpoints(), {}
         if "mlflow" in ep:
-            env["MLFLOW_TRACKING_URI"] = ep["mlflow"]
+            env[ENV["tracking_uri"]] = ep["mlflow"]
         if "prefect" in ep:
-            env["PREFECT_API_URL"] = ep["prefect"]
+            env[ENV["prefect_api_url"]] = ep["prefect"]
         if "postgres" in ep:
             host, port = ep["postgres"]
-            env["DISTILFLOW_SEARCH_STORAGE"] = (
+            env[ENV["search_storage"]] = (
                 f"postgresql://{pg.USER}:{password(self.paths, create=False)}@{_url_host(host)}:{port}/search"
             )
         if "dask-scheduler" in ep:
-            env["DISTILFLOW_DASK_ADDRESS"] = ep["dask-scheduler"]
+            env[ENV["dask_address"]] = ep["dask-scheduler"]
         return env
 
     def write_env(self) -> None:
@@ -200,17 +202,8 @@ class Stack:
 
     # ---------- up
 
-    def up(
-        self,
-        host: str,
-        workers: int,
-        only: list[str],
-        ports: dict[str, int],
-        join: Path | None = None,
-        worker_threads: int = 1,
-    ) -> None:
-        """Start `only` (in order), each on `host`; on any failure stop what this call started, then raise."""
-        host = _check_host(host)
+    def _components(self, only: list[str]) -> list[str]:
+        """`--only` in start order, refused when unknown, empty, or already running here."""
         unknown = set(only) - set(COMPONENTS)
         if unknown:
             raise StackError(
@@ -223,17 +216,24 @@ class Stack:
         if busy:
             listing = ", ".join(f"{n} (PID {r['pid']})" for n, r in busy.items())
             raise StackError(f"the stack in {self.paths.root} already runs {listing}: `python -m stack down` first")
-        self.pids = self.running()  # forget what died since
+        return only
+
+    def _endpoints(self, join: Path | None) -> dict:
+        """What still runs here, plus a joined stack's endpoints (and its database password)."""
         kept = {component_of(n) for n in self.pids}
         endpoints = {k: v for k, v in self.endpoints().items() if k in kept}
-        if join is not None:
-            other = Stack(join)
-            if not other.endpoints():
-                raise StackError(f"--join {join}: no stack was started there (no state.json)")
-            endpoints = {**other.endpoints(), **endpoints}
-            secret = password(other.paths, create=False)
-            if secret is not None:
-                write_private(self.paths.pgpass, f"*:*:*:{pg.USER}:{secret}\n")
+        if join is None:
+            return endpoints
+        other = Stack(join)
+        if not other.endpoints():
+            raise StackError(f"--join {join}: no stack was started there (no state.json)")
+        secret = password(other.paths, create=False)
+        if secret is not None:
+            write_private(self.paths.pgpass, f"*:*:*:{pg.USER}:{secret}\n")
+        return {**other.endpoints(), **endpoints}
+
+    def _check_needs(self, only: list[str], endpoints: dict) -> None:
+        """Each component's dependency is started with it or joined, and reachable, before anything starts."""
         needs_db = [c for c in ("mlflow", "prefect") if c in only]
         if needs_db and "postgres" not in only and "postgres" not in endpoints:
             raise StackError(f"{needs_db[0]} needs PostgreSQL: add postgres to --only, or --join a stack that runs it")
@@ -246,6 +246,22 @@ class Stack:
         elif needs_db:  # a joined database that is down or refuses us: say so now, not after the servers' retries
             db_host, db_port = endpoints["postgres"]
             pg.connect(db_host, db_port, password(self.paths, create=False) or "", timeout_s=5).close()
+
+    def up(
+        self,
+        host: str,
+        workers: int,
+        only: list[str],
+        ports: dict[str, int],
+        join: Path | None = None,
+        worker_threads: int = 1,
+    ) -> None:
+        """Start `only` (in order), each on `host`; on any failure stop what this call started, then raise."""
+        host = _check_host(host)
+        only = self._components(only)
+        self.pids = self.running()  # forget what died since
+        endpoints = self._endpoints(join)
+        self._check_needs(only, endpoints)
         for name in only:
             if name in ports and name != "dask-workers":
                 _check_port(host, ports[name], name)

@@ -48,58 +48,47 @@ def _banner(host: str, port: int) -> bool:
         return s.recv(64).startswith(b"SSH-")
 
 
-def serve(stack: Stack, host: str, port: int, folder: Path | None, read_only: bool = False) -> str:
-    """Start the sshd serving `folder` (default DIR/dvc-remote); the `dvc remote` commands that use it.
+def _sshd_config(ssh: Path, host: str, port: int, read_only: bool) -> str:
+    """Key logins only, SFTP only (read-only on request), on one address."""
+    lines = [
+        "# python -m stack dvc-remote: key logins only, SFTP only, one address",
+        f"ListenAddress {_url_host(host)}:{port}",
+        f"HostKey {ssh / 'host_ed25519'}",
+        f"AuthorizedKeysFile {ssh / 'authorized_keys'}",
+        "PidFile none",
+        f"AllowUsers {getpass.getuser()}",
+        "AuthenticationMethods publickey",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "UsePAM no",
+        # the stack folder may sit in a world-writable /tmp; the key files themselves are 0600
+        "StrictModes no",
+        "AllowTcpForwarding no",
+        "AllowAgentForwarding no",
+        "AllowStreamLocalForwarding no",
+        "X11Forwarding no",
+        "PermitTunnel no",
+        "PermitUserRC no",
+        "Subsystem sftp internal-sftp",
+        "ForceCommand internal-sftp" + (" -R" if read_only else ""),
+        "LogLevel INFO",
+    ]
+    return "\n".join(lines) + "\n"
 
-    `read_only`: SFTP refuses every write (a mirror to pull from; `dvc push` is refused).
-    """
-    host = _check_host(host)
-    sshd = _sshd()
-    rec = stack.pids.get("sshd")
-    if rec and alive(rec):
-        raise StackError(f"the stack in {stack.paths.root} already serves a DVC remote (sshd PID {rec['pid']})")
-    _check_port(host, port, "ssh")
-    ssh = stack.paths.root / "ssh"
+
+def _keys(ssh: Path) -> None:
+    """The server's host key and the one client key it accepts (`restrict`: no forwarding, no pty)."""
     ssh.mkdir(parents=True, exist_ok=True)
     os.chmod(ssh, 0o700)
-    folder = (folder or stack.paths.root / "dvc-remote").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    user = getpass.getuser()
     _keygen(ssh / "host_ed25519", "distilflow-stack-host")
     _keygen(ssh / "id_ed25519", "distilflow-stack-client")
     write_private(ssh / "authorized_keys", "restrict " + (ssh / "id_ed25519.pub").read_text())
-    config = ssh / "sshd_config"
-    write_private(
-        config,
-        "\n".join(
-            [
-                "# python -m stack dvc-remote: key logins only, SFTP only, one address",
-                f"ListenAddress {_url_host(host)}:{port}",
-                f"HostKey {ssh / 'host_ed25519'}",
-                f"AuthorizedKeysFile {ssh / 'authorized_keys'}",
-                "PidFile none",
-                f"AllowUsers {user}",
-                "AuthenticationMethods publickey",
-                "PubkeyAuthentication yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin prohibit-password",
-                "UsePAM no",
-                # the stack folder may sit in a world-writable /tmp; the key files themselves are 0600
-                "StrictModes no",
-                "AllowTcpForwarding no",
-                "AllowAgentForwarding no",
-                "AllowStreamLocalForwarding no",
-                "X11Forwarding no",
-                "PermitTunnel no",
-                "PermitUserRC no",
-                "Subsystem sftp internal-sftp",
-                "ForceCommand internal-sftp" + (" -R" if read_only else ""),
-                "LogLevel INFO",
-            ]
-        )
-        + "\n",
-    )
+
+
+def _start_sshd(stack: Stack, sshd: str, config: Path, host: str, port: int) -> int:
+    """Check the config, start sshd on it and wait for its banner; its PID (stopped again if it never answers)."""
     if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
         Path("/run/sshd").mkdir(mode=0o755, parents=True)  # sshd's privilege separation folder
     check = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True, text=True)
@@ -116,7 +105,28 @@ def serve(stack: Stack, host: str, port: int, folder: Path | None, read_only: bo
         stack._stop_names(["sshd"])
         write_private(stack.paths.pids, _dumps(stack.pids))
         raise
-    url = f"ssh://{user}@{_url_host(host)}:{port}{folder}"
+    return proc.pid
+
+
+def serve(stack: Stack, host: str, port: int, folder: Path | None, read_only: bool = False) -> str:
+    """Start the sshd serving `folder` (default DIR/dvc-remote); the `dvc remote` commands that use it.
+
+    `read_only`: SFTP refuses every write (a mirror to pull from; `dvc push` is refused).
+    """
+    host = _check_host(host)
+    sshd = _sshd()
+    rec = stack.pids.get("sshd")
+    if rec and alive(rec):
+        raise StackError(f"the stack in {stack.paths.root} already serves a DVC remote (sshd PID {rec['pid']})")
+    _check_port(host, port, "ssh")
+    ssh = stack.paths.root / "ssh"
+    _keys(ssh)
+    folder = (folder or stack.paths.root / "dvc-remote").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ssh / "sshd_config"
+    write_private(config, _sshd_config(ssh, host, port, read_only))
+    pid = _start_sshd(stack, sshd, config, host, port)
+    url = f"ssh://{getpass.getuser()}@{_url_host(host)}:{port}{folder}"
     stack.state.setdefault("endpoints", {})["dvc-remote"] = {"url": url, "keyfile": str(ssh / "id_ed25519")}
     stack.state.setdefault("host", host)
     write_private(stack.paths.state, _dumps(stack.state))
@@ -124,7 +134,7 @@ def serve(stack: Stack, host: str, port: int, folder: Path | None, read_only: bo
     write_private(stack.paths.root / "dvc-remote.sh", "\n".join(commands) + "\n")
     return "\n".join(
         [
-            f"DVC remote over SSH: {url} (sshd PID {proc.pid}; this key only, SFTP only"
+            f"DVC remote over SSH: {url} (sshd PID {pid}; this key only, SFTP only"
             + (", read-only)" if read_only else ")"),
             "in a DVC project (also in " + str(stack.paths.root / "dvc-remote.sh") + "):",
             *(f"  {c}" for c in commands),

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from distilflow.params import SelectParams
 
 STUDENTS = {"student": "student", "student_nokd": "student (no KD)", "student_pruned": "student pruned"}
-OBJECTIVES = {"latency_b1": "latency_b1_median_ms", "latency_b256": "latency_b256_median_ms", "size": "file_bytes"}
+# `select.objective` -> the Verdict field it minimises (the search's objectives read the same fields)
+OBJECTIVE_FIELD = {"latency_b1": "latency_b1_ms", "latency_b256": "latency_b256_ms", "size": "size_bytes"}
 
 
 def candidate_name(student: str, runtime: str) -> str:
@@ -57,94 +58,101 @@ class Verdict:
     why: str
 
 
+def _problems(acc: float, f1: float, teacher_val_accuracy: float, majority_f1: float, cfg: SelectParams) -> list[str]:
+    """What keeps a candidate out, each with its threshold and by how much (empty: it meets the constraint)."""
+    floor, f1_floor = teacher_val_accuracy - cfg.max_drop, majority_f1 + cfg.min_macro_f1_margin
+    problems = []
+    if acc < floor - 1e-12:
+        problems.append(
+            f"validation accuracy {acc:.4f} < {floor:.4f} (teacher {teacher_val_accuracy:.4f} − "
+            f"select.max_drop {cfg.max_drop}) by {floor - acc:.4f}"
+        )
+    if f1 < f1_floor - 1e-12:
+        problems.append(
+            f"validation macro-F1 {f1:.4f} < {f1_floor:.4f} (majority-class predictor "
+            f"{majority_f1:.4f} + select.min_macro_f1_margin {cfg.min_macro_f1_margin}) by {f1_floor - f1:.4f}"
+        )
+    return problems
+
+
+def verdict(row: dict, teacher_val_accuracy: float, majority_f1: float, cfg: SelectParams) -> Verdict:
+    """One evaluation-table row under the policy's constraint."""
+    acc, f1 = float(row["val_accuracy"]), float(row["val_macro_f1"])
+    problems = _problems(acc, f1, teacher_val_accuracy, majority_f1, cfg)
+    return Verdict(
+        row["variant"],
+        row["candidate"],
+        acc,
+        f1,
+        float(row["latency_b1_median_ms"]),
+        float(row["latency_b256_median_ms"]),
+        int(row["file_bytes"]),
+        float(row["accuracy"]),
+        not problems,
+        "; ".join(problems) or "meets the constraint",
+    )
+
+
+def _ranked(feasible: list[Verdict], cfg: SelectParams) -> tuple[list[Verdict], float, int]:
+    """The feasible candidates in pick order, the lowest objective value, and how many tie with it."""
+    field = OBJECTIVE_FIELD[cfg.objective]
+    best = min(getattr(v, field) for v in feasible)
+    tied = lambda v: getattr(v, field) <= best * (1 + cfg.tie_tolerance)  # noqa: E731
+    order = sorted(
+        feasible,
+        key=lambda v: (not tied(v), -v.val_accuracy if tied(v) else getattr(v, field), v.size_bytes, getattr(v, field)),
+    )
+    return order, best, sum(1 for v in feasible if tied(v))
+
+
+def _reason(order: list[Verdict], best: float, band: int, n_candidates: int, cfg: SelectParams) -> str:
+    field, pick = OBJECTIVE_FIELD[cfg.objective], order[0]
+    how = (
+        f"the lowest {cfg.objective} ({best:.4g})"
+        if band == 1
+        else f"the most accurate on validation of the {band} within {cfg.tie_tolerance:.0%} of the lowest "
+        f"{cfg.objective} ({best:.4g}; its own {getattr(pick, field):.4g})"
+    )
+    reason = (
+        f"{pick.variant}: {how}, among the {len(order)} of {n_candidates} candidates that meet the "
+        f"constraint, at validation accuracy {pick.val_accuracy:.4f}"
+    )
+    if len(order) > 1:
+        runner = order[1]
+        reason += (
+            f"; next: {runner.variant} ({cfg.objective} {getattr(runner, field):.4g}, "
+            f"validation accuracy {runner.val_accuracy:.4f})"
+        )
+    return reason
+
+
+def refusal(verdicts: list[Verdict]) -> str:
+    """Why nothing ships: the closest candidate (most accurate on validation) and what it misses."""
+    if not verdicts:
+        return "no candidates were built (distill.enabled=false?)"
+    closest = max(verdicts, key=lambda v: (v.val_accuracy, v.val_macro_f1))
+    return f"no candidate meets select: {closest.variant} comes closest: {closest.why}"
+
+
 def select_product(rows: list[dict], teacher_val_accuracy: float, majority_f1: float, cfg: SelectParams) -> dict:
     """The policy applied to the evaluation table's candidate rows: {"pick", "verdicts", "reason", ...}.
 
     `pick` is None when no candidate meets the constraint; `reason` then says
     which constraint failed and by how much for the closest candidate.
     """
-    floor = teacher_val_accuracy - cfg.max_drop
-    f1_floor = majority_f1 + cfg.min_macro_f1_margin
-    verdicts = []
-    for r in rows:
-        acc, f1 = float(r["val_accuracy"]), float(r["val_macro_f1"])
-        problems = []
-        if acc < floor - 1e-12:
-            problems.append(
-                f"validation accuracy {acc:.4f} < {floor:.4f} (teacher {teacher_val_accuracy:.4f} − "
-                f"select.max_drop {cfg.max_drop}) by {floor - acc:.4f}"
-            )
-        if f1 < f1_floor - 1e-12:
-            problems.append(
-                f"validation macro-F1 {f1:.4f} < {f1_floor:.4f} (majority-class predictor "
-                f"{majority_f1:.4f} + select.min_macro_f1_margin {cfg.min_macro_f1_margin}) by "
-                f"{f1_floor - f1:.4f}"
-            )
-        verdicts.append(
-            Verdict(
-                r["variant"],
-                r["candidate"],
-                acc,
-                f1,
-                float(r["latency_b1_median_ms"]),
-                float(r["latency_b256_median_ms"]),
-                int(r["file_bytes"]),
-                float(r["accuracy"]),
-                not problems,
-                "; ".join(problems) or "meets the constraint",
-            )
-        )
-    key = OBJECTIVES[cfg.objective]
-    objective = {
-        "latency_b1_median_ms": "latency_b1_ms",
-        "latency_b256_median_ms": "latency_b256_ms",
-        "file_bytes": "size_bytes",
-    }[key]
-    feasible = [v for v in verdicts if v.feasible]
+    verdicts = [verdict(r, teacher_val_accuracy, majority_f1, cfg) for r in rows]
+    floor, f1_floor = teacher_val_accuracy - cfg.max_drop, majority_f1 + cfg.min_macro_f1_margin
     policy = (
         f"validation accuracy ≥ teacher − {cfg.max_drop} ({floor:.4f}) and macro-F1 ≥ {f1_floor:.4f}; "
         f"then the lowest {cfg.objective}, values within {cfg.tie_tolerance:.0%} of it tied (more accurate wins)"
     )
+    table = [asdict(v) for v in verdicts]
+    feasible = [v for v in verdicts if v.feasible]
     if not feasible:
-        closest = max(verdicts, key=lambda v: (v.val_accuracy, v.val_macro_f1)) if verdicts else None
-        reason = (
-            f"no candidate meets select: {closest.variant} comes closest: {closest.why}"
-            if closest
-            else "no candidates were built (distill.enabled=false?)"
-        )
-        return {"pick": None, "reason": reason, "policy": policy, "verdicts": [asdict(v) for v in verdicts]}
-    best = min(getattr(v, objective) for v in feasible)
-
-    def tied(v: Verdict) -> bool:
-        return getattr(v, objective) <= best * (1 + cfg.tie_tolerance)
-
-    feasible.sort(
-        key=lambda v: (
-            not tied(v),
-            -v.val_accuracy if tied(v) else getattr(v, objective),
-            v.size_bytes,
-            getattr(v, objective),
-        )
-    )
-    pick = feasible[0]
-    runner = feasible[1] if len(feasible) > 1 else None
-    band = sum(1 for v in feasible if tied(v))
-    how = (
-        f"the lowest {cfg.objective} ({best:.4g})"
-        if band == 1
-        else f"the most accurate on validation of the {band} within {cfg.tie_tolerance:.0%} of the lowest "
-        f"{cfg.objective} ({best:.4g}; its own {getattr(pick, objective):.4g})"
-    )
-    reason = (
-        f"{pick.variant}: {how}, among the {len(feasible)} of {len(verdicts)} candidates that meet the "
-        f"constraint, at validation accuracy {pick.val_accuracy:.4f}"
-    )
-    if runner:
-        reason += (
-            f"; next: {runner.variant} ({cfg.objective} {getattr(runner, objective):.4g}, "
-            f"validation accuracy {runner.val_accuracy:.4f})"
-        )
-    return {"pick": asdict(pick), "reason": reason, "policy": policy, "verdicts": [asdict(v) for v in verdicts]}
+        return {"pick": None, "reason": refusal(verdicts), "policy": policy, "verdicts": table}
+    order, best, band = _ranked(feasible, cfg)
+    reason = _reason(order, best, band, len(verdicts), cfg)
+    return {"pick": asdict(order[0]), "reason": reason, "policy": policy, "verdicts": table}
 
 
 def dominated(pick: dict, verdicts: list[dict]) -> list[str]:

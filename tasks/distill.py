@@ -48,6 +48,64 @@ def student_arch(teacher_arch: dict, student: Classifier, cfg: DistillParams) ->
     }
 
 
+class Twins:
+    """The KD student and its no-KD twin: the same architecture, inputs, label budget and seed, with or without
+    the teacher's soft targets. Each run checkpoints under a key of everything that shapes it."""
+
+    def __init__(self, teacher: Classifier, data: dict, seed: int, key: str, checkpoints: Path, **loop):
+        self.teacher, self.seed, self.key, self.checkpoints, self.loop = teacher, seed, key, checkpoints, loop
+        (self.Xtr, self.ytr), (self.Xva, self.yva) = data["train"], data["val"]
+
+    def train(self, p: DistillParams, on_epoch=None) -> tuple:
+        """(with KD, without KD) FitResults for distill params `p`."""
+        run = f"{self.key}-{params_hash(p.model_dump(mode='json'))}"
+        split = (self.Xtr, self.ytr, self.Xva, self.yva, p, self.seed)
+        n_features = self.Xtr.shape[1]
+        with_kd = kd.distill(
+            self.teacher,
+            kd.make_student(self.teacher, p, n_features, self.seed),
+            *split,
+            on_epoch=on_epoch,
+            checkpoint=self.checkpoints / f"distill-{run}-kd.pt",
+            **self.loop,
+        )
+        student = kd.make_student(self.teacher, p, n_features, self.seed)
+        without = kd.train_without_kd(
+            student, *split, checkpoint=self.checkpoints / f"distill-{run}-nokd.pt", **self.loop
+        )
+        return with_kd, without
+
+    def forget(self) -> None:
+        """Drop this stage's checkpoints once its runs are done."""
+        for stale in self.checkpoints.glob(f"distill-{self.key}-*.pt"):
+            stale.unlink(missing_ok=True)
+
+
+def _gain(with_kd, without, X_test, y_test) -> dict:
+    kd_acc, no_kd_acc = accuracy(with_kd.model, X_test, y_test), accuracy(without.model, X_test, y_test)
+    return {
+        "kd": kd_acc,
+        "no_kd": no_kd_acc,
+        "kd_val": with_kd.best_val_accuracy,
+        "no_kd_val": without.best_val_accuracy,
+        "gain": kd_acc - no_kd_acc,
+    }
+
+
+def gain_table(gains: dict) -> str:
+    """The KD gain per label budget, as the markdown table the distill run shows."""
+    table = [
+        "| labels | student with KD | without KD | KD gain (test) | val with / without |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    table += [
+        f"| {'all' if b == 'all' else f'{b}/class'} | {r['kd']:.4f} | {r['no_kd']:.4f} | {r['gain']:+.4f} | "
+        f"{r['kd_val']:.4f} / {r['no_kd_val']:.4f} |"
+        for b, r in gains.items()
+    ]
+    return "\n".join(table) + "\n"
+
+
 def distill_stage(
     train: Path,
     val: Path,
@@ -73,64 +131,18 @@ def distill_stage(
     each `gain_label_budgets` labels per class.
     """
     pre, data = load_splits(train, val, test, preprocessor)
-    (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
+    Xte, yte = data["test"]
     teacher_model, teacher_arch = load_classifier(teacher, len(pre["classes"]))
-    n_features = Xtr.shape[1]
-    loop = dict(device=device, threads=threads)
     # everything that shapes the runs, so a resume never continues from other inputs' weights
     key = params_hash([path_hash(p) for p in (train, val, preprocessor, teacher)] + [seed])
-
-    def pair(p: DistillParams, watch=None):
-        run = f"{key}-{params_hash(p.model_dump(mode='json'))}"
-        with_kd = kd.distill(
-            teacher_model,
-            kd.make_student(teacher_model, p, n_features, seed),
-            Xtr,
-            ytr,
-            Xva,
-            yva,
-            p,
-            seed,
-            on_epoch=watch,
-            checkpoint=checkpoints / f"distill-{run}-kd.pt",
-            **loop,
-        )
-        without = kd.train_without_kd(
-            kd.make_student(teacher_model, p, n_features, seed),
-            Xtr,
-            ytr,
-            Xva,
-            yva,
-            p,
-            seed,
-            checkpoint=checkpoints / f"distill-{run}-nokd.pt",
-            **loop,
-        )
-        return with_kd, without
-
-    with_kd, without = pair(cfg, on_epoch)
+    twins = Twins(teacher_model, data, seed, key, checkpoints, device=device, threads=threads)
+    with_kd, without = twins.train(cfg, on_epoch)
     save_classifier(with_kd.model, student_arch(teacher_arch, with_kd.model, cfg), student)
     save_classifier(without.model, student_arch(teacher_arch, without.model, cfg), student_nokd)
-    gains = {
-        "all": {
-            "kd": accuracy(with_kd.model, Xte, yte),
-            "no_kd": accuracy(without.model, Xte, yte),
-            "kd_val": with_kd.best_val_accuracy,
-            "no_kd_val": without.best_val_accuracy,
-        }
-    }
+    gains = {"all": _gain(with_kd, without, Xte, yte)}
     for budget in cfg.gain_label_budgets:
-        kd_b, base_b = pair(cfg.model_copy(update={"label_budget": budget}))
-        gains[budget] = {
-            "kd": accuracy(kd_b.model, Xte, yte),
-            "no_kd": accuracy(base_b.model, Xte, yte),
-            "kd_val": kd_b.best_val_accuracy,
-            "no_kd_val": base_b.best_val_accuracy,
-        }
-    for row in gains.values():
-        row["gain"] = row["kd"] - row["no_kd"]
-    for stale in checkpoints.glob(f"distill-{key}-*.pt"):
-        stale.unlink(missing_ok=True)
+        gains[budget] = _gain(*twins.train(cfg.model_copy(update={"label_budget": budget})), Xte, yte)
+    twins.forget()
 
     test_pred = TorchPredictor(with_kd.model)(Xte).argmax(1)
     metrics = {f"test.{k}": v for k, v in classification_metrics(yte, test_pred, pre["classes"]).items()}
@@ -140,20 +152,11 @@ def distill_stage(
     write_history(with_kd.history, student_history)
     learning_curve(with_kd.history, student_curve, "student (KD)")
     confusion_matrix_plot(yte, test_pred, pre["classes"], student_confusion, "student (KD): test confusion")
-    table = [
-        "| labels | student with KD | without KD | KD gain (test) | val with / without |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    table += [
-        f"| {'all' if b == 'all' else f'{b}/class'} | {r['kd']:.4f} | {r['no_kd']:.4f} | {r['gain']:+.4f} | "
-        f"{r['kd_val']:.4f} / {r['no_kd_val']:.4f} |"
-        for b, r in gains.items()
-    ]
     return StageResult(
         metrics=metrics,
         params=cfg.model_dump(mode="json"),
         artifacts=[str(student_curve), str(student_confusion), str(student)],
-        texts={"kd_gain.md": "\n".join(table) + "\n"},
+        texts={"kd_gain.md": gain_table(gains)},
         history=with_kd.history,
         info={"kd_gain": gains},
     )

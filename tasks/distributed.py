@@ -20,7 +20,6 @@ weights of a 2-process CPU run against a 1-process run.
 from __future__ import annotations
 
 import copy
-import os
 import socket
 import tempfile
 from collections.abc import Callable
@@ -112,11 +111,12 @@ def _worker(rank: int, world_size: int, port: int, use_cuda: bool, out: str, fn:
     # torch.multiprocessing hands CPU tensors to the children in shared memory: without a private copy, every
     # rank's optimiser would update the same weights (N steps per step)
     args = copy.deepcopy(args)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    # the rendezvous by URL, not MASTER_ADDR/MASTER_PORT: nothing here reads or writes the environment
+    backend, url = "nccl" if use_cuda else "gloo", f"tcp://127.0.0.1:{port}"
+    dist.init_process_group(backend, init_method=url, rank=rank, world_size=world_size)
     _GROUP = Group(rank, world_size, device)
     try:
         result = fn(*args)

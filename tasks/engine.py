@@ -13,10 +13,12 @@ batch transform (`augment`). Every use gets the same:
 - a progress bar on a terminal (silent in CI logs), and a per-epoch history that
   the stage logs to MLflow and `on_epoch` sees as it happens (the search's pruner).
 
-`fit()` is the supervised configuration of that loop for `TrainParams`
-(fine-tuning strategies, discriminative learning rates, augmentation).
-Data-parallel training (`train.devices > 1`) runs the same loop in N processes:
-see `tasks/distributed.py`.
+`train` reads as the loop; what it carries across epochs (the optimiser and
+schedule, the RNG, the best weights, the checkpoint's contents) is `_Loop`,
+and one pass over the training rows is `_Loop.epoch`. `tasks/finetuning.py:fit`
+is the supervised configuration of the loop for `TrainParams` (strategies,
+discriminative learning rates, freezing, augmentation). Data-parallel training
+(`train.devices > 1`) runs the same loop in N processes: see `tasks/distributed.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distilflow.params import AugmentParams, TrainParams
 from tasks.inference import TorchPredictor
-from tasks.models import Classifier
 
 IGNORE = -1  # label value that the loss and the train accuracy skip (rows outside a label budget)
 
@@ -63,6 +63,12 @@ class LoopConfig:
     val_batch_size: int = 512
     precision: str = "bf16"  # bf16 autocast on CUDA ("fp32": none); the CPU always trains in fp32
     channels_last: bool = False  # NHWC weights on CUDA
+
+    @classmethod
+    def of(cls, section, **overrides) -> LoopConfig:
+        """The loop settings a params section (`train:`, `distill:`, ...) holds, by field name, plus `overrides`."""
+        shared = {f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)}
+        return cls(**{**shared, **overrides})
 
 
 @dataclass
@@ -186,6 +192,124 @@ def _as_tensors(data: dict, device: torch.device) -> Batch:
     return out
 
 
+class _Loop:
+    """What one `train` call carries from epoch to epoch, and what its checkpoint holds."""
+
+    def __init__(self, model: nn.Module, tensors: Batch, cfg: LoopConfig, seed: int, groups, device, ddp):
+        from transformers.optimization import get_cosine_schedule_with_warmup
+
+        self.model, self.tensors, self.cfg, self.device, self.ddp = model, tensors, cfg, device, ddp
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.n_rows = len(tensors["x"])
+        self.local_batch = ddp.local_batch(cfg.batch_size) if ddp else cfg.batch_size
+        self.steps_per_epoch = math.ceil(self.n_rows / cfg.batch_size)
+        if groups is None:
+            groups = decay_groups([(list(model.parameters()), cfg.lr, "all")], cfg.weight_decay)
+        # fused: one kernel per step for all parameters (CPU and CUDA), instead of a few per tensor
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, cfg.warmup_epochs * self.steps_per_epoch, cfg.epochs * self.steps_per_epoch
+        )
+        self.use_amp = device.type == "cuda" and cfg.precision == "bf16"
+        self.clip = [p for g in groups for p in g["params"]]
+        self.has_unlabelled = bool((tensors["y"] == IGNORE).any())
+        self.result = FitResult(model=model, labelled_rows=int((tensors["y"] != IGNORE).sum()))
+        self.best_state, self.bad_epochs = copy.deepcopy(model.state_dict()), 0
+
+    def resume(self, saved: dict | None) -> int:
+        """Continue from a checkpoint (`save_checkpoint` of `state`); the epoch to start at."""
+        if saved is None:
+            return 0
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.shuffle.set_state(saved["shuffle_rng"])
+        self.best_state, self.bad_epochs = saved["best_state"], saved["bad_epochs"]
+        r = self.result
+        r.history, r.best_epoch, r.best_val_accuracy = saved["history"], saved["best_epoch"], saved["best_val"]
+        r.stopped_early = saved["stopped_early"]
+        r.resumed_from_epoch = saved["epoch"]
+        return saved["epoch"]
+
+    def state(self, next_epoch: int) -> dict:
+        """Everything a killed run needs to end exactly where an uninterrupted one would."""
+        r = self.result
+        return {
+            "epoch": next_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "shuffle_rng": self.shuffle.get_state(),
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "history": r.history,
+            "best_epoch": r.best_epoch,
+            "best_val": r.best_val_accuracy,
+            "stopped_early": r.stopped_early,
+        }
+
+    def _step(self, wrapped: nn.Module, batch: Batch, objective: Objective, trainable: list) -> tuple:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            loss, logits, parts = objective(wrapped, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            clip_gradients(trainable, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss, logits, parts
+
+    def epoch(self, wrapped: nn.Module, objective: Objective, augment, desc: str) -> dict:
+        """One pass over the training rows in a fresh shuffled order; the epoch's train figures."""
+        t0, seen = time.perf_counter(), 0
+        # running sums stay tensors: no host sync per step, one .item() per epoch
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        order = torch.randperm(self.n_rows, generator=self.shuffle)
+        if self.ddp:
+            order = self.ddp.shard(order, self.cfg.batch_size)
+        n_labelled = int((self.tensors["y"][order] != IGNORE).sum()) if self.has_unlabelled else len(order)
+        trainable = [p for p in self.clip if p.requires_grad]
+        with progress(self.steps_per_epoch, desc) as bar:
+            for i in range(0, len(order), self.local_batch):
+                idx = order[i : i + self.local_batch]
+                batch = {k: v[idx].to(self.device, non_blocking=True) for k, v in self.tensors.items()}
+                if augment is not None:
+                    batch["x"] = augment(batch["x"])
+                loss, logits, parts = self._step(wrapped, batch, objective, trainable)
+                seen += len(idx)
+                sums["loss"] += loss.detach() * len(idx)
+                for name, term in parts.items():
+                    sums[name] = sums.get(name, 0.0) + term * len(idx)
+                correct += (logits.argmax(1) == batch["y"]).sum()  # an unlabelled row (-1) never matches
+                bar.update(1)
+        return self._figures(seen, int(correct), n_labelled, {k: float(v) for k, v in sums.items()}, t0)
+
+    def _figures(self, seen: int, correct: int, n_labelled: int, sums: dict, t0: float) -> dict:
+        elapsed = time.perf_counter() - t0
+        if self.ddp:
+            seen, correct, n_labelled, sums = self.ddp.reduce_epoch(seen, correct, n_labelled, sums)
+        return {
+            "train_loss": sums.pop("loss") / seen,
+            **{f"train_{k}": v / seen for k, v in sums.items()},
+            "train_accuracy": correct / max(1, n_labelled),
+            "_seen": seen,
+            "_elapsed": elapsed,
+        }
+
+    def keep_best(self, epoch: int, row: dict, val) -> None:
+        """The best validation epoch's weights so far; early stopping after `patience` epochs without one."""
+        r, val_acc = self.result, row.get("val_accuracy", float("nan"))
+        if val is None or not len(val[1]) or r.best_epoch < 0 or val_acc > r.best_val_accuracy:
+            r.best_epoch, r.best_val_accuracy, self.bad_epochs = epoch, val_acc, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.bad_epochs += 1
+            r.stopped_early = self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience
+
+
 def train(
     model: nn.Module,
     data: dict,
@@ -206,138 +330,42 @@ def train(
     plus whatever the objective reads (e.g. `teacher_logits`). `val`: (X, y)
     for model selection, or None (then the last epoch is kept).
     """
-    from transformers.optimization import get_cosine_schedule_with_warmup
-
     from tasks import distributed
 
     objective = objective or cross_entropy()
-    device = pick_device(cfg.device)
-    ddp = distributed.current()
+    device, ddp = pick_device(cfg.device), distributed.current()
     torch.manual_seed(seed)
-    shuffle = torch.Generator().manual_seed(seed)
     model.to(device)
-    tensors = _as_tensors(data, device)
-    n_rows = len(tensors["x"])
-    local_batch = ddp.local_batch(cfg.batch_size) if ddp else cfg.batch_size
-    steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
-    if groups is None:
-        groups = decay_groups([(list(model.parameters()), cfg.lr, "all")], cfg.weight_decay)
-    # fused: one kernel per step for all parameters (CPU and CUDA), instead of a few per tensor
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-    )
-    use_amp = device.type == "cuda" and cfg.precision == "bf16"
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    clip = [p for g in groups for p in g["params"]]
-
-    has_unlabelled = bool((tensors["y"] == IGNORE).any())
-    result = FitResult(model=model, labelled_rows=int((tensors["y"] != IGNORE).sum()))
-    best_state = copy.deepcopy(model.state_dict())
-    start, bad_epochs = 0, 0
-    saved = load_checkpoint(checkpoint)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        shuffle.set_state(saved["shuffle_rng"])
-        best_state, bad_epochs = saved["best_state"], saved["bad_epochs"]
-        result.history, result.best_epoch, result.best_val_accuracy = (
-            saved["history"],
-            saved["best_epoch"],
-            saved["best_val"],
-        )
-        start = result.resumed_from_epoch = saved["epoch"]
-        result.stopped_early = saved["stopped_early"]
-
+    loop = _Loop(model, _as_tensors(data, device), cfg, seed, groups, device, ddp)
+    start = loop.resume(load_checkpoint(checkpoint))
     with torch_threads(cfg.threads):
         for epoch in range(start, cfg.epochs):
-            if result.stopped_early:
+            if loop.result.stopped_early:
                 break
             model.train()
             row = {"epoch": epoch, **(before_epoch(model, epoch) if before_epoch else {})}
             wrapped = ddp.wrap(model) if ddp else model  # after before_epoch: DDP hooks the params that train now
-            t0, seen = time.perf_counter(), 0
-            # running sums stay tensors: no host sync per step, one .item() per epoch
-            sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=device)}
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            order = torch.randperm(n_rows, generator=shuffle)
-            if ddp:
-                order = ddp.shard(order, cfg.batch_size)
-            n_labelled = int((tensors["y"][order] != IGNORE).sum()) if has_unlabelled else len(order)
-            trainable = [p for p in clip if p.requires_grad]
-            with progress(steps_per_epoch, f"{desc} {epoch + 1}/{cfg.epochs}") as bar:
-                for i in range(0, len(order), local_batch):
-                    idx = order[i : i + local_batch]
-                    batch = {k: v[idx].to(device, non_blocking=True) for k, v in tensors.items()}
-                    if augment is not None:
-                        batch["x"] = augment(batch["x"])
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        loss, logits, parts = objective(wrapped, batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        clip_gradients(trainable, cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    rows = len(idx)
-                    seen += rows
-                    sums["loss"] += loss.detach() * rows
-                    for name, term in parts.items():
-                        sums[name] = sums.get(name, 0.0) + term * rows
-                    correct += (logits.argmax(1) == batch["y"]).sum()  # an unlabelled row (-1) never matches
-                    bar.update(1)
-            elapsed = time.perf_counter() - t0
-            sums = {k: float(v) for k, v in sums.items()}
-            correct = int(correct)
-            if ddp:
-                seen, correct, n_labelled, sums = ddp.reduce_epoch(seen, correct, n_labelled, sums)
-            row |= {
-                "train_loss": sums.pop("loss") / seen,
-                **{f"train_{k}": v / seen for k, v in sums.items()},
-                "train_accuracy": correct / max(1, n_labelled),
-            }
+            row |= loop.epoch(wrapped, objective, augment, f"{desc} {epoch + 1}/{cfg.epochs}")
+            seen, elapsed = row.pop("_seen"), row.pop("_elapsed")
             if val is not None:
                 row |= validate(model, val, cfg.val_batch_size)
             row |= {
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": loop.optimizer.param_groups[0]["lr"],
                 "samples_per_s": seen / elapsed,
                 "epoch_time_s": elapsed,
-                "ended_ms": int(time.time() * 1000),
             }
-            result.history.append(row)
-            val_acc = row.get("val_accuracy", float("nan"))
-            if val is None or not len(val[1]) or result.best_epoch < 0 or val_acc > result.best_val_accuracy:
-                result.best_epoch, result.best_val_accuracy, bad_epochs = epoch, val_acc, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
-                result.stopped_early = cfg.patience is not None and bad_epochs >= cfg.patience
+            row["ended_ms"] = int(time.time() * 1000)
+            loop.result.history.append(row)
+            loop.keep_best(epoch, row, val)
             if checkpoint is not None and (not ddp or ddp.is_main):
-                save_checkpoint(
-                    checkpoint,
-                    {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "shuffle_rng": shuffle.get_state(),
-                        "best_state": best_state,
-                        "bad_epochs": bad_epochs,
-                        "history": result.history,
-                        "best_epoch": result.best_epoch,
-                        "best_val": result.best_val_accuracy,
-                        "stopped_early": result.stopped_early,
-                    },
-                )
+                save_checkpoint(checkpoint, loop.state(epoch + 1))
             if on_epoch is not None:
                 on_epoch(row)
-    model.load_state_dict(best_state)
+    model.load_state_dict(loop.best_state)
     model.eval()
-    return result
+    return loop.result
 
 
 def validate(model: nn.Module, val: tuple[np.ndarray, np.ndarray], batch_size: int) -> dict[str, float]:
@@ -351,218 +379,3 @@ def validate(model: nn.Module, val: tuple[np.ndarray, np.ndarray], batch_size: i
         "val_loss": F.cross_entropy(logits, y).item(),
         "val_accuracy": (logits.argmax(1) == y).float().mean().item(),
     }
-
-
-# ---------------------------------------------------------------------------- fine-tuning strategies
-
-
-def block_params(model: Classifier) -> list[list[nn.Parameter]]:
-    """Backbone parameters grouped by block, input to output.
-
-    Parameters outside every listed block (a final norm, a pooler) join the
-    top block, so no backbone parameter is left out of the schedule.
-    """
-    groups, seen = [], set()
-    for block in model.blocks:
-        params = [p for p in block.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in params)
-        groups.append(params)
-    rest = [p for p in model.backbone.parameters() if id(p) not in seen]
-    if rest:
-        groups[-1] = groups[-1] + rest
-    return groups
-
-
-def unfrozen_blocks(strategy: str, n_blocks: int, epoch: int, unfreeze_every: int) -> int:
-    """How many backbone blocks (counted from the top) train in this epoch."""
-    if strategy == "full":
-        return n_blocks
-    if strategy == "linear_probe":
-        return 0
-    return min(n_blocks, epoch // unfreeze_every)
-
-
-def set_trainable(model: Classifier, n_top_blocks: int) -> None:
-    """Head always trains; the top `n_top_blocks` backbone blocks train; the rest are frozen."""
-    groups = block_params(model)
-    for i, params in enumerate(groups):
-        train_it = i >= len(groups) - n_top_blocks
-        for p in params:
-            p.requires_grad_(train_it)
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-
-
-def freeze_norm_stats(model: Classifier, n_top_blocks: int) -> None:
-    """Frozen blocks keep their BatchNorm running statistics (eval mode)."""
-    blocks = model.blocks
-    for block in blocks[: len(blocks) - n_top_blocks]:
-        block.eval()
-    if n_top_blocks == 0:
-        model.backbone.eval()
-
-
-def param_groups(model: Classifier, lr: float, lr_decay: float, weight_decay: float) -> list[dict]:
-    """Discriminative LRs (ULMFiT, Howard & Ruder 2018): head at `lr`, top block at lr·decay, next at lr·decay², ..."""
-    blocks = block_params(model)
-    named = [(list(model.head.parameters()), lr, "head")]
-    named += [(params, lr * lr_decay ** (len(blocks) - i), f"block{i}") for i, params in enumerate(blocks)]
-    return decay_groups(named, weight_decay)
-
-
-def make_augmenter(aug: AugmentParams, image_shape) -> nn.Module | None:
-    """kornia affine (shift, rotation, scale) + Gaussian noise, on image-shaped batches."""
-    if not aug.enabled or image_shape is None:
-        return None
-    import kornia.augmentation as K
-
-    ops = [
-        K.RandomAffine(
-            degrees=aug.rotation, translate=(aug.shift, aug.shift), scale=(1 - aug.scale, 1 + aug.scale), p=1.0
-        )
-    ]
-    if aug.noise > 0:
-        ops.append(K.RandomGaussianNoise(std=aug.noise, p=1.0))
-    return nn.Sequential(*ops)
-
-
-def augment_flat(augmenter: nn.Module, x: torch.Tensor, image_shape) -> torch.Tensor:
-    """Augment flat (N, H*W*C) rows as images and flatten them back."""
-    h, w, c = image_shape
-    img = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
-    return augmenter(img).permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-
-
-class _Head(nn.Module):
-    """The head alone (dropout + linear), trained on features computed once by a frozen backbone."""
-
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.dropout, self.head = model.dropout, model.head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(features))
-
-
-def loop_config(cfg: TrainParams, **overrides) -> LoopConfig:
-    """The loop settings of a `train:`-shaped params section."""
-    base = dict(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_epochs=cfg.warmup_epochs,
-        grad_clip=cfg.grad_clip,
-        patience=cfg.patience,
-        device=cfg.device,
-        threads=cfg.threads,
-        precision=cfg.precision,
-        channels_last=cfg.channels_last,
-    )
-    return LoopConfig(**{**base, **overrides})
-
-
-def fit(
-    model: Classifier,
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    cfg: TrainParams,
-    seed: int,
-    image_shape=None,
-    checkpoint: Path | None = None,
-    desc: str = "train",
-    on_epoch: Callable[[dict], None] | None = None,
-) -> FitResult:
-    """Supervised training of a `Classifier` by `cfg.strategy` (fine-tuning, pretraining, from scratch).
-
-    - `linear_probe`: the backbone is frozen; without augmentation its features
-      are computed once and only the head trains on them;
-    - `full`: every layer trains;
-    - `progressive`: the head first, then one more backbone block from the top
-      every `unfreeze_every` epochs (ULMFiT's gradual unfreezing).
-    All use discriminative learning rates (each block `lr_decay` times the one above).
-    With `cfg.devices > 1` the same call runs data-parallel in that many
-    processes (tasks/distributed.py) and returns rank 0's result.
-    """
-    from tasks import distributed
-
-    if cfg.devices > 1 and distributed.current() is None:
-        result = distributed.launch(
-            fit,
-            model,
-            X_train,
-            y_train,
-            X_val,
-            y_val,
-            cfg,
-            seed,
-            image_shape,
-            checkpoint,
-            desc,
-            devices=cfg.devices,
-            device=cfg.device,
-        )
-        model.load_state_dict(result.model.state_dict())
-        model.eval()
-        result.model = model
-        return result
-    settings = loop_config(cfg)
-    objective = cross_entropy(cfg.label_smoothing)
-    augmenter = make_augmenter(cfg.augment, image_shape)
-    if cfg.strategy == "linear_probe" and augmenter is None:
-        set_trainable(model, 0)
-        device = pick_device(cfg.device)
-        model.to(device)
-        with torch_threads(cfg.threads):  # the frozen backbone sees each image once
-            features = TorchPredictor(model).outputs(X_train, features=True)
-            val_features = TorchPredictor(model).outputs(X_val, features=True)
-        head = _Head(model)
-        result = train(
-            head,
-            {"x": features, "y": y_train},
-            (val_features, y_val),
-            settings,
-            seed,
-            objective,
-            groups=decay_groups([(list(head.parameters()), cfg.lr, "head")], cfg.weight_decay),
-            checkpoint=checkpoint,
-            desc=desc,
-            on_epoch=on_epoch,
-        )
-        for row in result.history:
-            row["unfrozen_blocks"] = 0
-        model.eval()
-        return FitResult(
-            model,
-            result.history,
-            result.best_epoch,
-            result.best_val_accuracy,
-            result.stopped_early,
-            result.resumed_from_epoch,
-            result.labelled_rows,
-        )
-    n_blocks = len(model.blocks)
-
-    def schedule(m: Classifier, epoch: int) -> dict:
-        k = unfrozen_blocks(cfg.strategy, n_blocks, epoch, cfg.unfreeze_every)
-        set_trainable(m, k)
-        freeze_norm_stats(m, k)
-        return {"unfrozen_blocks": k}
-
-    augment = (lambda x: augment_flat(augmenter, x, image_shape)) if augmenter is not None else None
-    return train(
-        model,
-        {"x": X_train, "y": y_train},
-        (X_val, y_val),
-        settings,
-        seed,
-        objective,
-        groups=param_groups(model, cfg.lr, cfg.lr_decay, cfg.weight_decay),
-        before_epoch=schedule,
-        augment=augment,
-        checkpoint=checkpoint,
-        desc=desc,
-        on_epoch=on_epoch,
-    )

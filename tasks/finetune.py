@@ -1,7 +1,7 @@
 """The finetune stage: the pretrained backbone, fine-tuned on the train split, becomes the teacher.
 
 Strategies are data (`train.strategy`), not subclasses; the loop is
-`tasks/engine.py:fit`. A checkpoint after every epoch, keyed by everything
+`tasks/finetuning.py:fit`. A checkpoint after every epoch, keyed by everything
 that shapes the run, lets a killed run resume where it stopped.
 """
 
@@ -17,7 +17,7 @@ from distilflow.params import BackboneParams, TrainParams
 from distilflow.records import StageResult
 from tasks.backbones import load_backbone, save_classifier
 from tasks.dataset import load_splits
-from tasks.engine import fit
+from tasks.finetuning import fit
 from tasks.inference import TorchPredictor
 from tasks.metrics import classification_metrics
 from tasks.models import count_parameters

@@ -246,15 +246,7 @@ def distill(
             with torch.random.fork_rng(devices=[]):  # the projection's initial weights come from the seed alone
                 torch.manual_seed(seed)
                 hint = HintLoss(student.feature_dim, data["teacher_features"].shape[1])
-    cfg = LoopConfig(
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        lr=params.lr,
-        weight_decay=params.weight_decay,
-        grad_clip=params.grad_clip,
-        device=device,
-        threads=threads,
-    )
+    cfg = LoopConfig.of(params, device=device, threads=threads)
     trainee = _Trainee(student, hint)
     objective = kd_objective(trainee, params.temperature, params.alpha, params.label_smoothing, params.hint_weight)
     result = train(

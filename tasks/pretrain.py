@@ -11,7 +11,7 @@ from distilflow.params import PretrainParams, SplitParams
 from distilflow.records import StageResult
 from tasks.backbones import load_backbone, save_classifier
 from tasks.dataset import mnist_frame
-from tasks.engine import fit
+from tasks.finetuning import fit
 from tasks.preprocessing import apply_normalizer, fit_normalizer
 from tasks.splits import LABEL, stratified_split
 

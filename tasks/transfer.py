@@ -12,7 +12,7 @@ from distilflow.params import BackboneParams, TrainParams, TransferParams
 from distilflow.records import StageResult
 from tasks.backbones import build_classifier, load_backbone
 from tasks.dataset import load_splits
-from tasks.engine import fit
+from tasks.finetuning import fit
 from tasks.metrics import accuracy
 from tasks.splits import label_budget_subset
 

@@ -85,8 +85,8 @@ QUICK = dict(  # a whole pipeline run in ~20 s: scratch teacher, short training,
 @pytest.fixture(scope="session")
 def trained(prefect_api, tmp_path_factory, digits_csv) -> dict:
     """A project after one full pipeline run (registered @challenger in its embedded store); treat as read-only."""
+    from distilflow.layout import Layout
     from distilflow.params import load_params
-    from distilflow.tracking import default_tracking_uri
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("trained")
@@ -96,6 +96,6 @@ def trained(prefect_api, tmp_path_factory, digits_csv) -> dict:
     for section, values in QUICK.items():
         edit_params(root, **{section: values})
     params = load_params(root / "params.yaml")
-    uri = default_tracking_uri(root)
+    uri = Layout(root).tracking_uri()
     summary = pipeline(params=params, root=str(root), tracking_uri=uri)
     return {"root": root, "uri": uri, "params": params, "summary": summary}

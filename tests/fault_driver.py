@@ -37,20 +37,20 @@ def main() -> int:
 
         MlflowClient.set_registered_model_alias = set_alias
     else:
-        from flows import stages
+        from tasks import stage_runner
 
-        original_call = stages._call
+        original_call = stage_runner.call_stage
 
-        def call(stage, fn, kwargs):
+        def call(stage, kwargs):
             if stage.name == point:
                 _pause(marker)
             if point == f"fail-{stage.name}":
                 from distilflow.errors import DistilflowError
 
                 raise DistilflowError(f"injected failure in {stage.name}")
-            return original_call(stage, fn, kwargs)
+            return original_call(stage, kwargs)
 
-        stages._call = call
+        stage_runner.call_stage = call
     from cli import main as cli
 
     return cli(args)

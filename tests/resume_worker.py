@@ -8,7 +8,7 @@ import torch
 
 from distilflow.params import BackboneParams, TrainParams
 from tasks.backbones import load_backbone
-from tasks.engine import fit
+from tasks.finetuning import fit
 from tests.test_finetune import digits_arrays
 
 if __name__ == "__main__":

@@ -87,9 +87,10 @@ def test_mlflow_backbone_from_the_registry(tmp_path):
     import pandas as pd
 
     from distilflow.io import write_json
+    from distilflow.layout import Layout
     from distilflow.params import PretrainParams
-    from distilflow.tracking import Tracker, default_tracking_uri
-    from flows.backbone import backbone_stage
+    from distilflow.tracking import Tracker
+    from tasks.backbone_source import backbone_stage
     from tasks.registry.registration import Variant, register_variants
 
     torch.manual_seed(2)
@@ -103,7 +104,7 @@ def test_mlflow_backbone_from_the_registry(tmp_path):
         "scale": [1.0] * 784,
     }
     write_json(pre, tmp_path / "pre.json")
-    tracker = Tracker(default_tracking_uri(tmp_path), tmp_path)
+    tracker = Tracker(Layout(tmp_path).tracking_uri(), tmp_path)
     with tracker.run("pretrain", "p") as run:
         register_variants(
             tracker,
@@ -196,7 +197,7 @@ def test_other_hf_vision_families(tmp_path, family):
 
 def test_hub_ids_are_pinned_by_revision_and_an_unpinned_one_says_so(tmp_path):
     from distilflow.params import PretrainParams
-    from flows.backbone import backbone_stage
+    from tasks.backbone_source import backbone_stage
     from tasks.backbones import split_hf_ref
 
     assert split_hf_ref("microsoft/resnet-18@a1b2c3") == ("microsoft/resnet-18", "a1b2c3")

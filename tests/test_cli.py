@@ -9,12 +9,12 @@ import time
 import psutil
 import pytest
 
-from cli.main import _parser
+from cli.parser import build_parser
 from tests.conftest import QUICK, REPO, edit_params
 
 
 def _subcommands():
-    parser = _parser()
+    parser = build_parser("distilflow")
     action = next(a for a in parser._actions if a.dest == "command")
     return action.choices
 
@@ -31,7 +31,7 @@ def test_every_command_has_a_description_and_only_relevant_options(name):
 
 
 def test_top_level_help_lists_every_command_with_a_summary():
-    text = _parser().format_help()
+    text = build_parser("distilflow").format_help()
     for name in _subcommands():
         assert name in text
     assert "--help" in text and "README.md" in text

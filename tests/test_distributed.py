@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distilflow.params import TrainParams
-from tasks.engine import fit
+from tasks.finetuning import fit
 from tasks.models import builtin_classifier
 from tests.test_finetune import digits_arrays
 

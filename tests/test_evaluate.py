@@ -6,7 +6,7 @@ from torch import nn
 
 from distilflow.errors import DistilflowError
 from tasks.evaluate import compare_variants, compression_markdown, evaluate_variant, pareto_front, pareto_plot
-from tasks.quantize import export_onnx
+from tasks.onnx_export import export_onnx
 
 torch.set_num_threads(1)
 

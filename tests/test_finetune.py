@@ -13,7 +13,7 @@ import torch
 
 from distilflow.params import AugmentParams, BackboneParams, TrainParams
 from tasks.backbones import load_backbone
-from tasks.engine import (
+from tasks.finetuning import (
     augment_flat,
     block_params,
     fit,

@@ -12,7 +12,6 @@ from cli import main
 from distilflow.hashing import file_md5
 from distilflow.layout import Layout
 from distilflow.params import load_params
-from distilflow.tracking import default_tracking_uri
 from flows.pipeline import pipeline
 from tests.conftest import QUICK, REPO, edit_params
 
@@ -26,7 +25,7 @@ def run(project, **overrides):
     return pipeline(
         params=load_params(project / "params.yaml"),
         root=str(project),
-        tracking_uri=default_tracking_uri(project),
+        tracking_uri=Layout(project).tracking_uri(),
         stop_after="normalize",
     )
 
@@ -34,7 +33,7 @@ def run(project, **overrides):
 def test_flow_logs_parent_and_child_runs_with_lineage(prefect_api, project):
     summary = run(project)
     assert summary["stages"] == dict.fromkeys(STAGES, "ran")
-    client = MlflowClient(default_tracking_uri(project))
+    client = MlflowClient(Layout(project).tracking_uri())
     exp = client.get_experiment_by_name("distilflow-digits")
     parent = client.get_run(summary["run_id"])
     assert parent.info.status == "FINISHED" and parent.info.experiment_id == exp.experiment_id
@@ -90,7 +89,7 @@ def test_cache_skips_unchanged_and_reruns_only_downstream(prefect_api, project):
 
 
 def _runs_by_status(project):
-    client = MlflowClient(default_tracking_uri(project))
+    client = MlflowClient(Layout(project).tracking_uri())
     exp = client.get_experiment_by_name("distilflow-digits")
     if exp is None:
         return {}
@@ -208,7 +207,7 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
     for section, values in TINY.items():
         edit_params(project, **{section: values})
     params = load_params(project / "params.yaml")
-    uri = default_tracking_uri(project)
+    uri = Layout(project).tracking_uri()
     summary = pipeline(params=params, root=str(project), tracking_uri=uri)
     assert summary["stages"]["finetune"] == "ran" and summary["stages"]["transfer_gain"] == "ran"
     client = MlflowClient(uri)
@@ -280,9 +279,9 @@ def test_full_flow_pretrains_registers_then_finetunes_from_the_registry(prefect_
 
     # the second int8 backend through the same stage: TorchScript .pt, evaluated by the same harness
     from distilflow.stages import BY_NAME
-    from flows.stages import run_plain
     from tasks.dataset import load_splits
     from tasks.evaluate import evaluate_variant
+    from tasks.stage_runner import run_plain
 
     fx = params.model_copy(update={"quantize": params.quantize.model_copy(update={"backend": "torch_fx"})})
     run_plain(BY_NAME["quantize"], fx, layout)
@@ -319,8 +318,8 @@ def test_the_prefect_graph_has_one_task_run_per_stage_named_after_it_with_the_da
     from prefect.client.orchestration import get_client
     from pydantic import SecretStr
 
-    summary = pipeline(params=params, root=str(project), tracking_uri=SecretStr(default_tracking_uri(project)))
-    parent = MlflowClient(default_tracking_uri(project)).get_run(summary["run_id"])
+    summary = pipeline(params=params, root=str(project), tracking_uri=SecretStr(Layout(project).tracking_uri()))
+    parent = MlflowClient(Layout(project).tracking_uri()).get_run(summary["run_id"])
     edges = _task_runs(parent.data.tags["prefect.flow_run_id"])
     with get_client(sync_client=True) as client:  # a tracking URI may hold a password: never stored in Prefect
         assert client.read_flow_run(parent.data.tags["prefect.flow_run_id"]).parameters["tracking_uri"] == "*" * 10
@@ -342,7 +341,7 @@ def test_the_prefect_graph_has_one_task_run_per_stage_named_after_it_with_the_da
 
     from flows.registry import promote
 
-    result = promote(params=params, root=str(project), tracking_uri=default_tracking_uri(project), actor="review")
+    result = promote(params=params, root=str(project), tracking_uri=Layout(project).tracking_uri(), actor="review")
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
         promotion = [a for a in artifact if a.key == "promotion-distilflow-digits"]

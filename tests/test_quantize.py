@@ -13,7 +13,9 @@ from distilflow.params import DistillParams, QuantizeParams, params_from_dict
 from tasks.inference import OnnxPredictor
 from tasks.kd import train_without_kd
 from tasks.models import builtin_classifier
-from tasks.quantize import export_onnx, fold_batchnorm, qat_finetune, quantize_int8
+from tasks.onnx_export import export_onnx
+from tasks.quantization.policy import quantize_int8
+from tasks.quantization.qat import fold_batchnorm, qat_finetune
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from distilflow.errors import DistilflowError
 from distilflow.io import read_json
 from distilflow.layout import Layout
 from distilflow.params import GateParams
-from distilflow.tracking import Tracker, default_tracking_uri
+from distilflow.tracking import Tracker
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, packaging, promotion, registration, scoring
 from tasks.registry.registration import Variant
 from tests.conftest import REPO
@@ -39,7 +39,7 @@ def base_tags(trained) -> dict:
 
 
 def fresh(tmp_path) -> Tracker:
-    return Tracker(default_tracking_uri(tmp_path), tmp_path)
+    return Tracker(Layout(tmp_path).tracking_uri(), tmp_path)
 
 
 def register(
@@ -500,7 +500,7 @@ def _promote_cli(tracker, trained, *extra, who="bob"):
 
 def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhile(trained, tmp_path):
     """Deterministic order: bob's promotion is made to wait on the lock while alice's decides the challenger."""
-    from flows.registry import registry_lock
+    from flows.locks import registry_lock
 
     tracker = fresh(tmp_path)
     v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
@@ -525,7 +525,7 @@ def test_a_promotion_that_waited_for_the_lock_reports_the_decision_made_meanwhil
 
 
 def test_a_promotion_that_cannot_get_the_lock_in_time_fails_clearly_and_changes_nothing(trained, tmp_path):
-    from flows.registry import registry_lock
+    from flows.locks import registry_lock
 
     tracker = fresh(tmp_path)
     v = register(tracker, trained, (Layout(trained["root"]).candidates / "student.int8"))
@@ -593,9 +593,9 @@ def test_rollback_audit_and_score_commands(trained, tmp_path):
 
 
 def test_the_registry_lock_is_named_after_the_store_it_guards(tmp_path):
-    from flows.registry import lock_file, lock_name
+    from tasks.registry.locking import lock_file, lock_name
 
-    a, b = default_tracking_uri(tmp_path / "a"), default_tracking_uri(tmp_path / "b")
+    a, b = Layout(tmp_path / "a").tracking_uri(), Layout(tmp_path / "b").tracking_uri()
     assert lock_name(NAME, a) != lock_name(NAME, b)  # two checkouts with their own stores never block each other
     assert lock_name(NAME, a) == lock_name(NAME, a) and NAME in lock_name(NAME, a)
     secret = "postgresql://user:hunter2@db:5432/mlflow"

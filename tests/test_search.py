@@ -16,10 +16,10 @@ import yaml
 
 from distilflow.errors import DistilflowError
 from distilflow.params import load_params
-from flows.search import is_pruned
 from tasks.search.front import constraint, hypervolume, pareto_mask, shortlist
 from tasks.search.pruning import median_rule
 from tasks.search.space import validate_space
+from tasks.search.study import is_pruned
 from tests.conftest import QUICK, REPO, edit_params
 
 # ---------------------------------------------------------------------------- the space, before any trial
@@ -450,10 +450,12 @@ def test_a_pruned_trial_does_not_break_the_next_ask_of_a_pareto_study(tmp_path, 
     that every sampler asks on, and it is still reported (and budgeted) as pruned."""
     import optuna
 
-    from flows.search import _sampler, _summaries, is_pruned, tell_pruned
+    from tasks.search.finish import trial_rows
+    from tasks.search.study import is_pruned, tell_pruned
+    from tasks.search.study import sampler as make_sampler
 
     params = _params(tmp_path, {"sampler": sampler, "n_trials": 6, "workers": 2})
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=_sampler(params))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(params))
     for i in range(4):  # past TPE's startup trials
         trial = study.ask({"distill.temperature": optuna.distributions.FloatDistribution(1, 8)})
         study._storage.set_trial_user_attr(trial._trial_id, "objective", None)
@@ -466,5 +468,5 @@ def test_a_pruned_trial_does_not_break_the_next_ask_of_a_pareto_study(tmp_path, 
     assert 1 <= nxt.params["distill.temperature"] <= 8
     frozen = study.trials[pruned.number]
     assert is_pruned(frozen) and not is_pruned(study.trials[0])
-    rows = {r["number"]: r for r in _summaries(study, 0.95, params)}
+    rows = {r["number"]: r for r in trial_rows(study, params)}
     assert rows[pruned.number]["state"] == "pruned" and "median" in rows[pruned.number]["note"]

@@ -8,7 +8,7 @@ import pytest
 
 from distilflow.params import Params
 from distilflow.stages import BY_NAME, PRETRAIN, STAGES, stages_for, upstream
-from flows.stages import FUNCTIONS, RUNTIME
+from tasks.stage_runner import FUNCTIONS, RUNTIME
 from tests.conftest import REPO
 
 OPTIONAL = {"on_epoch"}  # callbacks a caller may pass (the search's pruner); never part of what a stage reads

@@ -5,28 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from distilflow.io import read_json
+from distilflow.layout import PATHS
 from tasks.dataset import cleaning_table
 
 DESCRIPTION_LIMIT = 5000  # characters MLflow's SQL stores keep of a model version's description
 
 
-def model_card(
-    name: str,
-    params,
-    lineage: dict[str, str],
-    cleaning: dict,
-    split: dict,
-    table: list[dict],
-    selection: dict,
-    quantize_note: str,
-    baseline: dict | None = None,
-) -> str:
-    """The markdown a reviewer reads in the MLflow UI before promoting (the registered version's description)."""
-    pick = selection["pick"]
-    product = next(r for r in table if r["variant"] == pick["variant"])
-    n_classes = len(split["class_counts"]["train"])
-    teacher = next((r for r in table if r["variant"] == "teacher fp32"), table[0])
-    lines = [
+def _headline(name: str, params, product: dict, teacher: dict, selection: dict, lineage: dict) -> list[str]:
+    return [
         f"# {name}",
         "",
         f"{'Image' if params.data.image_shape else 'Tabular'} classifier ({product['variant']}) chosen among "
@@ -45,28 +31,31 @@ def model_card(
         *search_note(lineage),
         selection_markdown(selection),
         *kd_note(selection),
+    ]
+
+
+def _data(params, lineage: dict, cleaning: dict, split: dict) -> list[str]:
+    classes = params.data.classes
+    lines = [
         "## Data",
         "",
         f"- source: `{params.data.source}` (md5 `{lineage.get('data_md5')}`, DVC-tracked)",
-        f"- classes: {', '.join(map(str, params.data.classes or []))}"
-        if params.data.classes
-        else "- classes: as found",
+        f"- classes: {', '.join(map(str, classes))}" if classes else "- classes: as found",
         "- splits (stratified, content-addressed; test frozen): "
         + ", ".join(f"{k} {v} rows (`{split['hashes'][k]}`)" for k, v in split["sizes"].items()),
         f"- git commit `{lineage.get('git_commit', 'unknown')}`, params hash `{lineage.get('params_hash')}`",
-        *(
-            [
-                "",
-                f"**Classes dropped, too few rows to stratify (class: rows): {cleaning['rare_classes_dropped']}. "
-                "This model never predicts them; it is not a drop-in replacement for one that does.**",
-            ]
-            if cleaning.get("rare_classes_dropped")
-            else []
-        ),
-        "",
-        "## Cleaning",
-        "",
-        cleaning_table(cleaning),
+    ]
+    if cleaning.get("rare_classes_dropped"):
+        lines += [
+            "",
+            f"**Classes dropped, too few rows to stratify (class: rows): {cleaning['rare_classes_dropped']}. "
+            "This model never predicts them; it is not a drop-in replacement for one that does.**",
+        ]
+    return lines + ["", "## Cleaning", "", cleaning_table(cleaning)]
+
+
+def _metrics(table: list[dict], baseline: dict | None, teacher: dict, product: dict) -> list[str]:
+    lines = [
         "## Metrics of every variant (frozen test split)",
         "",
         "| variant | accuracy | macro-F1 | size (KB) | latency b1 (ms) | latency b256 (ms) |",
@@ -82,31 +71,51 @@ def model_card(
             f"| baseline: {name} (scikit-learn) | {row['test_accuracy']:.4f} | {row['test_macro_f1']:.4f} | | | |"
         )
     threads = table[0].get("threads")
-    lines += [
+    return lines + [
         "",
         f"Latency: median after warm-up, CPU, {threads} thread(s).",
         *baseline_note(baseline, teacher["accuracy"], product["accuracy"]),
-        "",
-        "## Compression steps",
-        "",
-        recipe(params, pick["candidate"]),
-        "",
-        f"int8: {quantize_note}",
-        "",
+    ]
+
+
+def _limits(params, n_classes: int) -> list[str]:
+    vr = params.data.value_range
+    return [
         "## Intended use and limits",
         "",
         f"- For inputs like the training data: {n_classes} classes, the same feature columns"
-        + (
-            f", values in [{params.data.value_range[0]:g}, {params.data.value_range[1]:g}]"
-            if params.data.value_range
-            else ""
-        )
+        + (f", values in [{vr[0]:g}, {vr[1]:g}]" if vr else "")
         + ". Missing values are imputed with the train median.",
         "- Accuracy is measured on one frozen test split from the same distribution; it says nothing about "
         "shifted data. Check per-class recall in the compression report before relying on rare classes.",
         "- Latency is this machine's; measure on yours. The student trades accuracy for size and speed: "
         "use the registered teacher where the difference matters.",
         "- Not for decisions about people without a separate fairness review.",
+    ]
+
+
+def model_card(
+    name: str,
+    params,
+    lineage: dict[str, str],
+    cleaning: dict,
+    split: dict,
+    table: list[dict],
+    selection: dict,
+    quantize_note: str,
+    baseline: dict | None = None,
+) -> str:
+    """The markdown a reviewer reads in the MLflow UI before promoting (the registered version's description)."""
+    pick = selection["pick"]
+    product = next(r for r in table if r["variant"] == pick["variant"])
+    teacher = next((r for r in table if r["variant"] == "teacher fp32"), table[0])
+    compression = ["", "## Compression steps", "", recipe(params, pick["candidate"]), "", f"int8: {quantize_note}", ""]
+    lines = [
+        *_headline(name, params, product, teacher, selection, lineage),
+        *_data(params, lineage, cleaning, split),
+        *_metrics(table, baseline, teacher, product),
+        *compression,
+        *_limits(params, len(split["class_counts"]["train"])),
     ]
     return "\n".join(lines) + "\n"
 
@@ -138,7 +147,8 @@ def search_note(lineage: dict) -> list[str]:
         f"**Found by `distilflow search`:** study `{lineage['search.study']}`, trial {lineage['search.trial']} of "
         f"{lineage.get('search.trials', '?')}; its candidates below were re-measured one at a time before the pick. "
         "Every trial, the front and the pick: [search.md](search.md) and [search_pareto.png](search_pareto.png) "
-        f"(logged with this version's run; in the project at `{lineage.get('search.report', 'reports/search.md')}`).",
+        f"(logged with this version's run; in the project at "
+        f"`{lineage.get('search.report', PATHS['search_report'])}`).",
         "",
     ]
 

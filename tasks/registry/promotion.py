@@ -195,19 +195,10 @@ class Decision:
         return "\n".join(lines) + "\n"
 
 
-def decide(
-    tracker, name: str, gates: GateParams, test_split: Path, actor: str | None = None, expected: str | None = None
-) -> Decision:
-    """Re-score the challenger and the champion on the frozen test split and check every gate; change nothing.
-
-    `expected` is the version the caller reviewed (`promote --version`) or saw
-    before waiting for the lock: if the challenger is another version now, this
-    refuses rather than gate a model nobody looked at.
-    """
+def _reviewed_challenger(client, name: str, expected: str | None):
+    """The @challenger version, refused unless it is the one the caller reviewed (`expected`) and complete."""
     from mlflow.exceptions import MlflowException
 
-    client = tracker.client
-    require_model(client, name)
     challenger = version_by_alias(client, name, CHALLENGER)
     if expected and (challenger is None or str(challenger.version) != str(expected)):
         try:
@@ -236,26 +227,28 @@ def decide(
             f"{challenger.tags['registration']}: its registration did not finish; run the pipeline "
             "again to register a complete version; nothing changed"
         )
-    champion = version_by_alias(client, name, CHAMPION)
-    chal = _record(challenger)
-    champ = _record(champion) if champion is not None else None
+    return challenger
+
+
+def _comparable(name: str, challenger, champion, chal: dict, champ: dict | None) -> None:
+    """Refuse a challenger evaluated on other data, or predicting other classes, than the champion."""
     if champ and (champ["data_md5"], champ["split_hash"]) != (chal["data_md5"], chal["split_hash"]):
         raise DistilflowError(
             f"challenger v{chal['version']} of {name} was evaluated on other data than champion v{champ['version']} "
             f"(data md5 {chal['data_md5']} vs {champ['data_md5']}, test split {chal['split_hash']} vs "
             f"{champ['split_hash']}): their accuracies are not comparable; nothing changed"
         )
-    if (
-        champ
-        and challenger.tags.get("classes")
-        and champion.tags.get("classes")
-        and challenger.tags["classes"] != champion.tags["classes"]
-    ):
+    classes = (challenger.tags.get("classes"), champion.tags.get("classes") if champion is not None else None)
+    if champ and all(classes) and classes[0] != classes[1]:
         raise DistilflowError(
-            f"challenger v{chal['version']} of {name} predicts classes {challenger.tags['classes']}, "
-            f"champion v{champ['version']} {champion.tags['classes']}: a model that lost or gained a "
+            f"challenger v{chal['version']} of {name} predicts classes {classes[0]}, "
+            f"champion v{champ['version']} {classes[1]}: a model that lost or gained a "
             "class is not a drop-in replacement; nothing changed"
         )
+
+
+def _frozen_test(test_split: Path, chal: dict):
+    """The local test split, refused unless it is the one the challenger was evaluated on."""
     if not Path(test_split).is_file():
         raise DistilflowError(f"frozen test split {test_split} not found: run the pipeline's data stages first")
     test = read_table(test_split)
@@ -264,6 +257,26 @@ def decide(
             f"the local test split {test_split} (hash {frame_hash(test)}) is not the one challenger "
             f"v{chal['version']} was evaluated on ({chal['split_hash']}); nothing changed"
         )
+    return test
+
+
+def decide(
+    tracker, name: str, gates: GateParams, test_split: Path, actor: str | None = None, expected: str | None = None
+) -> Decision:
+    """Re-score the challenger and the champion on the frozen test split and check every gate; change nothing.
+
+    `expected` is the version the caller reviewed (`promote --version`) or saw
+    before waiting for the lock: if the challenger is another version now, this
+    refuses rather than gate a model nobody looked at.
+    """
+    client = tracker.client
+    require_model(client, name)
+    challenger = _reviewed_challenger(client, name, expected)
+    champion = version_by_alias(client, name, CHAMPION)
+    chal = _record(challenger)
+    champ = _record(champion) if champion is not None else None
+    _comparable(name, challenger, champion, chal, champ)
+    test = _frozen_test(test_split, chal)
     chal["accuracy"] = test_accuracy(tracker, f"models:/{name}/{chal['version']}", test)
     if champ:
         champ["accuracy"] = test_accuracy(tracker, f"models:/{name}/{champ['version']}", test)

@@ -62,3 +62,14 @@ def score_csv(tracker, models_uri: str, source: Path, out: Path) -> dict:
     with atomic_path(out) as tmp:
         result.to_csv(tmp, index=False)
     return {"rows": len(result), "output": str(out), "model": models_uri}
+
+
+def score_registered(tracker, params, layout, source: str, out: str, model_uri: str | None = None) -> dict:
+    """`distilflow score`: the champion (or `model_uri`) over a CSV; an unknown model name is one clear error."""
+    from tasks.registry import CHAMPION
+    from tasks.registry.registration import require_model
+
+    uri = model_uri or f"models:/{params.registered_model()}@{CHAMPION}"
+    if model_uri is None:
+        require_model(tracker.client, params.registered_model())
+    return score_csv(tracker, uri, layout.resolve(source), layout.resolve(out)) | {"model_uri": uri}

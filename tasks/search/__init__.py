@@ -1,5 +1,11 @@
-"""The search's logic, with no orchestration: the space, the pruning rule, the front and the reports.
+"""The search engine, with no Prefect in it: the study and its storage, trials, the driver's bookkeeping, the pick.
 
-`flows/search.py` runs it: Optuna asks, a trial runs the pipeline's own stage
-functions with params overrides (flows/trial.py), Optuna is told.
+- `space`: the searched params paths, checked by the params schema;
+- `study`: storage, the one-driver lock, the sampler, pruned and interrupted trials;
+- `prepare`: what runs once before the trials (the parent run, the study, the inputs' snapshot);
+- `trial`: one trial in a worker process: the pipeline's own stages on linked inputs;
+- `driver`: ask, hand over, tell (Optuna and the trials' nested MLflow runs, `trial_runs`);
+- `pruning`, `front`, `report`, `finish`: the median rule, the Pareto front, the reports, the pick.
+
+flows/search.py wires them: trials run as Prefect tasks on a process pool or Dask.
 """

@@ -10,8 +10,9 @@ constraint value (≤ 0 is feasible), which TPE and NSGA-II respect.
 from __future__ import annotations
 
 from distilflow.params import Params
+from tasks.candidates import OBJECTIVE_FIELD  # what each select.objective minimises, one declaration
 
-OBJECTIVE_FIELD = {"latency_b1": "latency_b1_ms", "latency_b256": "latency_b256_ms", "size": "size_bytes"}
+__all__ = ["OBJECTIVE_FIELD", "constraint", "directions", "hypervolume", "pareto_mask", "shortlist", "trial_values"]
 
 
 def directions(params: Params) -> list[str]:

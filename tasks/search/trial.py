@@ -1,10 +1,11 @@
 """One search trial, in whatever process runs it (a local worker or a Dask worker): the pipeline's own stages.
 
 A trial gets its data by path. Its folder is a project layout of its own
-(`.distilflow/search/<study>/trial-NNNN/`) whose shared inputs (the splits,
-the preprocessor, the teacher: what runs once before the trials) are hard
-links to the study's snapshot of them, so the trial runs exactly the stage
-functions a normal run does (flows/stages.py:run_plain), with its params.
+(`.distilflow/search/<study>/trial-NNNN/`, the catalog's `trial`) whose
+shared inputs (the splits, the preprocessor, the teacher: what runs once
+before the trials) are hard links to the study's snapshot of them
+(`snapshot`), so the trial runs exactly the stage functions a normal run
+does (tasks/stage_runner.py:run_plain), with its params.
 On another machine, the project must be at the same path (shared storage):
 the trial checks its inputs are there and are the ones the study was started
 on, and says so if not.
@@ -27,6 +28,7 @@ from distilflow.layout import PATHS, Layout
 from distilflow.params import Params
 from tasks.search.pruning import EpochReporter, TrialPruned
 from tasks.search.space import trial_stages
+from tasks.stage_runner import FUNCTIONS, run_plain
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,42 @@ class TrialPayload:
     snapshot: str
     shared: dict[str, str] = field(default_factory=dict)  # catalog name -> content hash, in the snapshot
     threads: int = 1
+
+
+def worker_init(threads: int) -> None:
+    """A local trial worker: ends if the search process is killed, trains on `threads` threads, logs like the CLI."""
+    import ctypes
+    import signal
+
+    import torch
+
+    from distilflow.errors import quiet_user_error_tracebacks
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    torch.set_num_threads(threads)
+    quiet_user_error_tracebacks()
+
+
+def snapshot(layout: Layout, folder: Path, names: list[str], recorded: dict | None) -> dict[str, str]:
+    """Copy the prepared outputs into the study's folder once; {name: content hash}. A resumed study's must match."""
+    current = {n: path_hash(layout.path(n)) for n in names}
+    if recorded is not None and recorded != current:
+        changed = sorted(n for n in names if recorded.get(n) != current[n])
+        raise DistilflowError(
+            f"the project's {', '.join(changed)} changed since this study started (new data or teacher): "
+            "set search.study_name to start a new study on them"
+        )
+    target = Layout(folder)
+    for n in names:
+        src, dst = layout.path(n), target.path(n)
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        shutil.copytree(src, tmp) if src.is_dir() else shutil.copy2(src, tmp)
+        tmp.rename(dst)
+    return current
 
 
 def link_inputs(snapshot: Path, trial_dir: Path, shared: dict[str, str]) -> Layout:
@@ -109,8 +147,6 @@ def run_trial(payload: TrialPayload) -> dict:
     import optuna
     import torch
 
-    from flows.stages import FUNCTIONS, run_plain
-
     started = time.time()
     torch.set_num_threads(payload.threads)
     params = Params.model_validate(payload.params)
@@ -138,25 +174,12 @@ def run_trial(payload: TrialPayload) -> dict:
             stage_s[stage.name] = time.perf_counter() - t0
             if result.history:
                 history[stage.name] = result.history
+        outcome |= {"state": "complete", "objective": _objective_source(params, layout)}
     except TrialPruned as stop:
-        return outcome | {
-            "state": "pruned",
-            "reason": str(stop),
-            "curve": reporter.curve,
-            "history": history,
-            "stage_s": stage_s,
-            "seconds": time.time() - started,
-        }
+        outcome |= {"state": "pruned", "reason": str(stop)}
     finally:
         shutil.rmtree(layout.path("checkpoints"), ignore_errors=True)
-    return outcome | {
-        "state": "complete",
-        "objective": _objective_source(params, layout),
-        "curve": reporter.curve,
-        "history": history,
-        "stage_s": stage_s,
-        "seconds": time.time() - started,
-    }
+    return outcome | {"curve": reporter.curve, "history": history, "stage_s": stage_s, "seconds": time.time() - started}
 
 
 def shared_names(prepared) -> list[str]:

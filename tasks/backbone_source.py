@@ -1,9 +1,9 @@
 """The backbone stage: `backbone.spec` resolved once per run into `artifacts/backbone/`.
 
 - `mlflow:models:/<name>@<alias>`: the alias is resolved to one version, whose
-  classifier is downloaded into `artifacts/backbone/classifier/`; the demo's
-  own pretrained backbone is (re)built first by the pretrain flow when it is
-  missing or was built from other `pretrain` params;
+  classifier is downloaded into `artifacts/backbone/classifier/`; when the
+  spec names the pretrain flow's own model, `pretrained_is_current` tells the
+  wiring (flows/pretrain.py:ensure_pretrained) whether to (re)build it first;
 - `file:<path>` and `hf:<local dir>`: the content hash of the weights is recorded;
 - `hf:<hub id>`: the id (and `@revision`, if given) is recorded;
 - `builtin:*`: the spec alone.
@@ -50,14 +50,16 @@ def _record(spec: BackboneParams, tracker) -> tuple[dict, Path | None]:
 
 
 def backbone_stage(
-    backbone: Path, spec: BackboneParams, pretrain: PretrainParams, seed: int, tracker=None, root: str | None = None
+    backbone: Path, spec: BackboneParams, pretrain: PretrainParams, seed: int, tracker=None
 ) -> StageResult:
-    """Resolve `spec` into `backbone/` (see the module docstring); `tracker` is needed for `mlflow:` specs."""
-    kind, _, ref = spec.spec.partition(":")
-    if kind == "mlflow":
-        if tracker is None:
-            raise DistilflowError(f"backbone.spec {spec.spec} needs an MLflow tracking store to resolve")
-        ensure_pretrained(spec, pretrain, seed, tracker, root)
+    """Resolve `spec` into `backbone/` (see the module docstring); `tracker` is needed for `mlflow:` specs.
+
+    `pretrain` and `seed` are what the demo's pretrained backbone is built from: part of the key, so a
+    rebuilt one (a new version behind the alias) reruns what depends on it.
+    """
+    kind, _, _ = spec.spec.partition(":")
+    if kind == "mlflow" and tracker is None:
+        raise DistilflowError(f"backbone.spec {spec.spec} needs an MLflow tracking store to resolve")
     record, files = _record(spec, tracker)
     current = backbone / SOURCE
     if not current.is_file() or json.loads(current.read_text()) != record:
@@ -74,17 +76,10 @@ def backbone_stage(
     return StageResult(tags=tags, info=record)
 
 
-def ensure_pretrained(spec: BackboneParams, pretrain: PretrainParams, seed: int, tracker, root: str | None) -> None:
-    """Build the demo's pretrained backbone (the pretrain flow) if the spec names it and it is missing or stale."""
+def pretrained_is_current(spec: BackboneParams, pretrain: PretrainParams, seed: int, tracker) -> bool:
+    """False when `spec` names the pretrain flow's model and that is missing or was built from other params."""
     ref = spec.spec.removeprefix("mlflow:")
-    if not ref.startswith(f"models:/{pretrain.registered_model}@"):
-        return
+    if not spec.spec.startswith("mlflow:") or not ref.startswith(f"models:/{pretrain.registered_model}@"):
+        return True
     mv = tracker.model_version(ref)
-    if mv is None or mv.tags.get("pretrain_fingerprint") != pretrain_fingerprint(pretrain, seed):
-        from pydantic import SecretStr
-
-        from flows.pretrain import pretrain as pretrain_flow
-
-        pretrain_flow(
-            pretrain_params=pretrain, seed=seed, root=root or str(tracker.root), tracking_uri=SecretStr(tracker.uri)
-        )  # Prefect stores a SecretStr parameter as ********
+    return mv is not None and mv.tags.get("pretrain_fingerprint") == pretrain_fingerprint(pretrain, seed)

@@ -1,12 +1,16 @@
-"""The register stage: the run's product and fp32 references, registered all or nothing, with the model card.
+"""The register step of a pipeline run or a search: the product and its fp32 references, with the model card.
 
-Not a cached stage: each run decides afresh, and an unchanged model is
-detected by content (tasks/registry/registration.py).
+`register_run` holds the model's registry lock (given by the caller: the
+wiring owns Prefect, flows/locks.py) and a child run named `register`, and
+registers all or nothing (tasks/registry/registration.py). Not a cached
+stage: each run decides afresh, and an unchanged model is detected by
+content.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 
 from distilflow.errors import DistilflowError
 from distilflow.io import read_json, write_text
@@ -32,6 +36,16 @@ def pipeline_variants(params, layout, table: list[dict], selection: dict) -> lis
         Variant(f"{name}-teacher", layout.teacher, rows["teacher fp32"], "reference"),
         Variant(f"{name}-student", layout.student, rows["student fp32 (KD)"], "reference"),
     ]
+
+
+def register_run(params, layout, tracker, parent, lineage: dict, lock: AbstractContextManager) -> dict:
+    """Register the run's product under `lock` in a child run of `parent`; what the run's summary shows of it."""
+    with lock, tracker.stage_run(parent, "register", lineage) as child:
+        result = register_stage(tracker, child, params, layout, {**lineage, "parent_run_id": parent.run_id})
+    state = "unchanged, kept" if result["unchanged"] else "registered as @challenger"
+    print(f"register: {result['model']} version {result['product']} {state}")
+    parent.set_tags({"registered_version": f"{result['model']}/{result['product']}"})
+    return {k: result[k] for k in ("model", "unchanged", "versions")} | {"version": result["product"]}
 
 
 def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dict:

@@ -1,0 +1,194 @@
+"""Fine-tuning strategies: how `fit` configures the one training loop (tasks/engine.py) for `TrainParams`.
+
+Which backbone blocks train in which epoch (`unfrozen_blocks`, `set_trainable`,
+`freeze_norm_stats`), at which learning rate (`param_groups`: discriminative
+rates, ULMFiT), and how the training images are augmented (kornia). The
+schedule is data, not a subclass (Lightning's BackboneFinetuning idea).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilflow.params import AugmentParams, TrainParams
+from tasks.engine import FitResult, LoopConfig, cross_entropy, decay_groups, pick_device, torch_threads, train
+from tasks.inference import TorchPredictor
+from tasks.models import Classifier
+
+
+def block_params(model: Classifier) -> list[list[nn.Parameter]]:
+    """Backbone parameters grouped by block, input to output.
+
+    Parameters outside every listed block (a final norm, a pooler) join the
+    top block, so no backbone parameter is left out of the schedule.
+    """
+    groups, seen = [], set()
+    for block in model.blocks:
+        params = [p for p in block.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        groups.append(params)
+    rest = [p for p in model.backbone.parameters() if id(p) not in seen]
+    if rest:
+        groups[-1] = groups[-1] + rest
+    return groups
+
+
+def unfrozen_blocks(strategy: str, n_blocks: int, epoch: int, unfreeze_every: int) -> int:
+    """How many backbone blocks (counted from the top) train in this epoch."""
+    if strategy == "full":
+        return n_blocks
+    if strategy == "linear_probe":
+        return 0
+    return min(n_blocks, epoch // unfreeze_every)
+
+
+def set_trainable(model: Classifier, n_top_blocks: int) -> None:
+    """Head always trains; the top `n_top_blocks` backbone blocks train; the rest are frozen."""
+    groups = block_params(model)
+    for i, params in enumerate(groups):
+        train_it = i >= len(groups) - n_top_blocks
+        for p in params:
+            p.requires_grad_(train_it)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+def freeze_norm_stats(model: Classifier, n_top_blocks: int) -> None:
+    """Frozen blocks keep their BatchNorm running statistics (eval mode)."""
+    blocks = model.blocks
+    for block in blocks[: len(blocks) - n_top_blocks]:
+        block.eval()
+    if n_top_blocks == 0:
+        model.backbone.eval()
+
+
+def param_groups(model: Classifier, lr: float, lr_decay: float, weight_decay: float) -> list[dict]:
+    """Discriminative LRs (ULMFiT, Howard & Ruder 2018): head at `lr`, top block at lr·decay, next at lr·decay², ..."""
+    blocks = block_params(model)
+    named = [(list(model.head.parameters()), lr, "head")]
+    named += [(params, lr * lr_decay ** (len(blocks) - i), f"block{i}") for i, params in enumerate(blocks)]
+    return decay_groups(named, weight_decay)
+
+
+def make_augmenter(aug: AugmentParams, image_shape) -> nn.Module | None:
+    """kornia affine (shift, rotation, scale) + Gaussian noise, on image-shaped batches."""
+    if not aug.enabled or image_shape is None:
+        return None
+    import kornia.augmentation as K
+
+    ops = [
+        K.RandomAffine(
+            degrees=aug.rotation, translate=(aug.shift, aug.shift), scale=(1 - aug.scale, 1 + aug.scale), p=1.0
+        )
+    ]
+    if aug.noise > 0:
+        ops.append(K.RandomGaussianNoise(std=aug.noise, p=1.0))
+    return nn.Sequential(*ops)
+
+
+def augment_flat(augmenter: nn.Module, x: torch.Tensor, image_shape) -> torch.Tensor:
+    """Augment flat (N, H*W*C) rows as images and flatten them back."""
+    h, w, c = image_shape
+    img = x.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+    return augmenter(img).permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+class _Head(nn.Module):
+    """The head alone (dropout + linear), trained on features computed once by a frozen backbone."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.dropout, self.head = model.dropout, model.head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features))
+
+
+def _launch_ddp(model: Classifier, args: tuple, cfg: TrainParams) -> FitResult:
+    """`fit` data-parallel in `cfg.devices` processes; rank 0's weights loaded into `model`."""
+    from tasks import distributed
+
+    result = distributed.launch(fit, model, *args, devices=cfg.devices, device=cfg.device)
+    model.load_state_dict(result.model.state_dict())
+    model.eval()
+    result.model = model
+    return result
+
+
+def _probe(model: Classifier, X_train, y_train, X_val, y_val, cfg: TrainParams, seed: int, **loop) -> FitResult:
+    """A linear probe: the frozen backbone sees each image once, and only the head trains on its features."""
+    set_trainable(model, 0)
+    model.to(pick_device(cfg.device))
+    with torch_threads(cfg.threads):
+        features = TorchPredictor(model).outputs(X_train, features=True)
+        val_features = TorchPredictor(model).outputs(X_val, features=True)
+    head = _Head(model)
+    groups = decay_groups([(list(head.parameters()), cfg.lr, "head")], cfg.weight_decay)
+    data = {"x": features, "y": y_train}
+    result = train(
+        head, data, (val_features, y_val), LoopConfig.of(cfg), seed, cross_entropy(cfg.label_smoothing), groups, **loop
+    )
+    for row in result.history:
+        row["unfrozen_blocks"] = 0
+    model.eval()
+    result.model = model
+    return result
+
+
+def fit(
+    model: Classifier,
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    cfg: TrainParams,
+    seed: int,
+    image_shape=None,
+    checkpoint: Path | None = None,
+    desc: str = "train",
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Supervised training of a `Classifier` by `cfg.strategy` (fine-tuning, pretraining, from scratch).
+
+    - `linear_probe`: the backbone is frozen; without augmentation its features
+      are computed once and only the head trains on them;
+    - `full`: every layer trains;
+    - `progressive`: the head first, then one more backbone block from the top
+      every `unfreeze_every` epochs (ULMFiT's gradual unfreezing).
+    All use discriminative learning rates (each block `lr_decay` times the one above).
+    With `cfg.devices > 1` the same call runs data-parallel in that many
+    processes (tasks/distributed.py) and returns rank 0's result.
+    """
+    from tasks import distributed
+
+    if cfg.devices > 1 and distributed.current() is None:
+        return _launch_ddp(model, (X_train, y_train, X_val, y_val, cfg, seed, image_shape, checkpoint, desc), cfg)
+    loop = {"checkpoint": checkpoint, "desc": desc, "on_epoch": on_epoch}
+    augmenter = make_augmenter(cfg.augment, image_shape)
+    if cfg.strategy == "linear_probe" and augmenter is None:
+        return _probe(model, X_train, y_train, X_val, y_val, cfg, seed, **loop)
+    n_blocks = len(model.blocks)
+
+    def schedule(m: Classifier, epoch: int) -> dict:
+        k = unfrozen_blocks(cfg.strategy, n_blocks, epoch, cfg.unfreeze_every)
+        set_trainable(m, k)
+        freeze_norm_stats(m, k)
+        return {"unfrozen_blocks": k}
+
+    return train(
+        model,
+        {"x": X_train, "y": y_train},
+        (X_val, y_val),
+        LoopConfig.of(cfg),
+        seed,
+        cross_entropy(cfg.label_smoothing),
+        groups=param_groups(model, cfg.lr, cfg.lr_decay, cfg.weight_decay),
+        before_epoch=schedule,
+        augment=(lambda x: augment_flat(augmenter, x, image_shape)) if augmenter is not None else None,
+        **loop,
+    )

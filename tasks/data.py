@@ -36,6 +36,7 @@ DROP_RULES = (
     "duplicates",
     "rare_classes",
 )
+SIMILAR_LABEL_RATIO = 10  # a text class this many times smaller than one a single edit away reads as its typo
 
 # ----------------------------------------------------------------------------
 # ingest
@@ -251,7 +252,7 @@ def clean_table(
         keep = _value_range_rule(X, keep, value_range, clean, dropped, modified)
     rows, y = _distinct_rows(X, C, labels, keep, clean, dropped)
     if classes is None and clean.similar_labels == "fail":
-        _refuse_typo_classes(pd.Series(y).value_counts())
+        _refuse_similar_labels(pd.Series(y).value_counts())
     rows, y, rare_classes = _rare_class_rule(rows, y, clean, min_per_class, dropped)
 
     X = X[rows] if len(rows) < len(X) else X  # the one copy of the rows that stay
@@ -392,17 +393,40 @@ def one_edit_apart(a: str, b: str) -> bool:
     return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
-def _refuse_typo_classes(counts: pd.Series) -> None:
-    """A tiny text class one edit away from a big one (`benigh` beside `benign`) is a typo, not a class."""
-    labels = [(str(k), int(v)) for k, v in counts.items() if isinstance(k, str)]
-    for small, n_small in labels:
-        for big, n_big in labels:
-            if n_big >= 10 * n_small and one_edit_apart(small, big):
-                raise DistilflowError(
-                    f"label '{small}' ({n_small} rows) is one edit away from '{big}' ({n_big} rows): a typo? Set "
-                    "data.classes to the intended labels (then typos count as invalid labels), or set "
-                    "clean.similar_labels: keep if both are real classes"
-                )
+def similar_label_pairs(counts: dict) -> list[tuple[str, int, str, int]]:
+    """(small, its rows, big, its rows) for each text label one edit from a class `SIMILAR_LABEL_RATIO` times its size.
+
+    `benigh` (4 rows) beside `benign` (200) is a typo, not a class. Only words count: numbers are not
+    misspelt that way, and any two one-digit classes are one edit apart, so an imbalanced 0/1 label would be
+    refused. The clean stage (clean.similar_labels: fail) and add-data both apply this rule.
+    """
+    words = [(str(k), int(v)) for k, v in counts.items() if _is_word(k)]
+    return [
+        (small, n_small, big, n_big)
+        for small, n_small in words
+        for big, n_big in words
+        if n_big >= SIMILAR_LABEL_RATIO * n_small and one_edit_apart(small, big)
+    ]
+
+
+def _is_word(label) -> bool:
+    try:
+        float(str(label))
+    except ValueError:
+        return True
+    return False
+
+
+def _refuse_similar_labels(counts: pd.Series) -> None:
+    """Stop the run naming every likely typo (`similar_label_pairs`), with the two ways to decide."""
+    pairs = similar_label_pairs(counts.to_dict())
+    if pairs:
+        named = "; ".join(f"label {s!r} ({n} rows) is one edit away from {b!r} ({m} rows)" for s, n, b, m in pairs)
+        raise DistilflowError(
+            f"{named}: {'a typo' if len(pairs) == 1 else 'typos'}? Set data.classes to the intended labels (then "
+            "typos count as invalid labels and are dropped), or set clean.similar_labels: keep if they are real "
+            "classes"
+        )
 
 
 def _nonzero(counts: dict) -> str:

@@ -41,6 +41,20 @@ def majority_macro_f1(class_counts: dict[str, int]) -> float:
     return (2 * precision / (1 + precision)) / len(class_counts)
 
 
+def macro_f1_shortfall(f1: float, majority_f1: float, margin: float) -> str | None:
+    """Why a validation macro-F1 misses the majority-class predictor's + `select.min_macro_f1_margin`, or None.
+
+    The select stage's wording; the baseline stage says the same when it stops a run before fine-tuning.
+    """
+    floor = majority_f1 + margin
+    if f1 >= floor - 1e-12:
+        return None
+    return (
+        f"validation macro-F1 {f1:.4f} < {floor:.4f} (majority-class predictor {majority_f1:.4f} + "
+        f"select.min_macro_f1_margin {margin}) by {floor - f1:.4f}"
+    )
+
+
 @dataclass
 class Verdict:
     """One candidate under the policy."""
@@ -68,18 +82,7 @@ def select_product(rows: list[dict], teacher_val_accuracy: float, majority_f1: f
     verdicts = []
     for r in rows:
         acc, f1 = float(r["val_accuracy"]), float(r["val_macro_f1"])
-        problems = []
-        if acc < floor - 1e-12:
-            problems.append(
-                f"validation accuracy {acc:.4f} < {floor:.4f} (teacher {teacher_val_accuracy:.4f} − "
-                f"select.max_drop {cfg.max_drop}) by {floor - acc:.4f}"
-            )
-        if f1 < f1_floor - 1e-12:
-            problems.append(
-                f"validation macro-F1 {f1:.4f} < {f1_floor:.4f} (majority-class predictor "
-                f"{majority_f1:.4f} + select.min_macro_f1_margin {cfg.min_macro_f1_margin}) by "
-                f"{f1_floor - f1:.4f}"
-            )
+        problems = _problems(acc, f1, teacher_val_accuracy, majority_f1, cfg)
         verdicts.append(
             Verdict(
                 r["variant"],
@@ -145,6 +148,20 @@ def select_product(rows: list[dict], teacher_val_accuracy: float, majority_f1: f
             f"validation accuracy {runner.val_accuracy:.4f})"
         )
     return {"pick": asdict(pick), "reason": reason, "policy": policy, "verdicts": [asdict(v) for v in verdicts]}
+
+
+def _problems(acc: float, f1: float, teacher_val_accuracy: float, majority_f1: float, cfg: SelectParams) -> list[str]:
+    """How one candidate misses the constraint (empty when it meets it)."""
+    floor = teacher_val_accuracy - cfg.max_drop
+    problems = []
+    if acc < floor - 1e-12:
+        problems.append(
+            f"validation accuracy {acc:.4f} < {floor:.4f} (teacher {teacher_val_accuracy:.4f} − "
+            f"select.max_drop {cfg.max_drop}) by {floor - acc:.4f}"
+        )
+    if (short := macro_f1_shortfall(f1, majority_f1, cfg.min_macro_f1_margin)) is not None:
+        problems.append(short)
+    return problems
 
 
 def dominated(pick: dict, verdicts: list[dict]) -> list[str]:

@@ -170,17 +170,25 @@ def _image_shape(features: pd.DataFrame) -> tuple[list[int] | None, list[float] 
 
 
 def image_columns(columns: list[str]) -> dict:
-    """Which columns form the image, as read (file order): {"count", "first", "last", "numbered_in_order"}.
+    """Which columns form the image, as read (file order): {"count", "first", "last", "numbered_in_order", "odd"}.
 
-    `numbered_in_order` is False when the columns are numbered with one prefix but the file does not list
-    them in their numbers' order (p0, p10, p100, ...): the image is read in file order all the same.
+    `numbered_in_order` is False when the file does not list the pixels in their numbers' order (p0, p10,
+    p100, ...): the image is read in file order all the same. `odd` names the columns outside the pixels'
+    numbered run (`digit` among p0..p782 when the label column is wrong).
     """
     found = [NUMBERED.fullmatch(c) for c in columns]
-    in_order = True
-    if all(found) and len({m.group(1) for m in found}) == 1:
-        numbers = [int(m.group(2)) for m in found]
-        in_order = numbers == sorted(numbers)
-    return {"count": len(columns), "first": columns[0], "last": columns[-1], "numbered_in_order": in_order}
+    prefixes = Counter(m.group(1) for m in found if m)
+    prefix = prefixes.most_common(1)[0][0] if prefixes else None
+    pixels = [int(m.group(2)) for m in found if m and m.group(1) == prefix]
+    numbered = len(pixels) * 2 > len(columns)  # most columns are one run: the others stand out
+    odd = [c for c, m in zip(columns, found) if not (m and m.group(1) == prefix)] if numbered else []
+    return {
+        "count": len(columns),
+        "first": columns[0],
+        "last": columns[-1],
+        "numbered_in_order": not numbered or pixels == sorted(pixels),
+        "odd": odd,
+    }
 
 
 def _proposed_classes(labels: pd.Series, typos: list) -> list | None:
@@ -275,6 +283,12 @@ def _image_lines(report: dict) -> list[str]:
         f"images: {d['image_shape']} from the {cols['count']} columns {cols['first']} … {cols['last']}, in the "
         f"file's order, row by row (H, then W, then C); whole numbers in {d['value_range']}"
     ]
+    if cols["odd"]:
+        shown = ", ".join(cols["odd"][:3]) + (f" and {len(cols['odd']) - 3} more" if len(cols["odd"]) > 3 else "")
+        lines.append(
+            f"WARNING: {shown} {'is' if len(cols['odd']) == 1 else 'are'} in the image but not numbered like the "
+            "other columns: is the label column right?"
+        )
     if not cols["numbered_in_order"]:
         lines.append(
             "WARNING: the pixel columns are not in their numbers' order: the images are read in the file's order; "

@@ -182,7 +182,25 @@ def test_an_unnamed_label_after_the_pixels_is_the_label(tmp_path):
     pixels.to_parquet(tmp_path / "export.parquet", index=False)
     report = inspect_file(tmp_path / "export.parquet")
     assert report["label"] == "kind" and report["data"]["image_shape"] == [28, 28, 1]
-    assert report["image_columns"] == {"count": 784, "first": "p0", "last": "p783", "numbered_in_order": True}
+    assert report["image_columns"] == {
+        "count": 784,
+        "first": "p0",
+        "last": "p783",
+        "numbered_in_order": True,
+        "odd": [],
+    }
+
+
+def test_a_wrong_label_shows_in_the_image_line_and_a_warning(tmp_path):
+    """What the issue saw (`--label p783` now, by hand): the image built from `digit` plus p0..p782."""
+    from tasks.onboarding import describe, inspect_file
+
+    pixels, digit = _pixels(100)
+    pixels.insert(0, "digit", digit)
+    pixels.to_csv(tmp_path / "export.csv", index=False)
+    lines = describe(inspect_file(tmp_path / "export.csv", label="p783"))
+    assert any(line.startswith("images: [28, 28, 1] from the 784 columns digit … p782,") for line in lines)
+    assert "WARNING: digit is in the image but not numbered like the other columns: is the label column right?" in lines
 
 
 def test_a_label_in_the_middle_of_a_table_is_found_by_its_name(tmp_path):

@@ -4,7 +4,12 @@
 2. copy it (or hard-link it, `--link`) to `data/raw/<name>`;
 3. `dvc add` it when the project is a DVC repository (the copy is removed again if that fails);
 4. write `params.<name>.yaml`: the project's params with the proposed `data:` (and `normalize:`),
-   for the user to read, correct and run with `distilflow run --params params.<name>.yaml`.
+   for the user to read, correct and run with `distilflow run --params params.<name>.yaml`. It is never
+   a file the run would refuse: likely typos of a class are left out of `data.classes` (so their rows
+   count as invalid labels), each named in a comment, rather than left for clean.similar_labels to stop.
+
+When no column is clearly the label, step 1 stops and asks for `--label` (tasks/onboarding.py says how
+the label is chosen).
 """
 
 from __future__ import annotations
@@ -82,6 +87,18 @@ def _dvc_add(root: Path, target: Path) -> str:
     return f"{target.relative_to(root)}.dvc"
 
 
+def _note_typos(text: str, typos: list) -> str:
+    """The params text with a comment above `data.classes` naming each likely typo it leaves out."""
+    if not typos:
+        return text
+    notes = "".join(
+        f"  # left out: {small!r} ({n_small} rows), one edit from {big!r} ({n_big} rows), a typo? Its rows count as "
+        "invalid labels; add it here if it is a real class\n"
+        for small, n_small, big, n_big in typos
+    )
+    return re.sub(r"(?m)^(data:\n(?:[ #].*\n)*?)(  classes:)", lambda m: m.group(1) + notes + m.group(2), text, count=1)
+
+
 def add_data(args) -> int:
     """The command (see the module docstring)."""
     from tasks.onboarding import describe, inspect_file
@@ -124,7 +141,8 @@ def add_data(args) -> int:
         f"# written by `distilflow add-data {source.name}`: check data:, normalize: and backbone:,\n"
         f"# then: python -m distilflow run --params {out.name}\n"
     )
-    write_text(header + yaml.safe_dump(raw, sort_keys=False, default_flow_style=False), out)
+    body = _note_typos(yaml.safe_dump(raw, sort_keys=False, default_flow_style=False), report["typos"])
+    write_text(header + body, out)
     print(
         f"{'copied' if not args.link else 'linked'} to {target.relative_to(root)}"
         if placed

@@ -155,7 +155,7 @@ def _search_and_data(c: Commands) -> None:
         "`dvc add`s it and writes params.<name>.yaml for you to check and run.",
     )
     add.add_argument("file", help="a CSV or Parquet table (or an image manifest CSV)")
-    add.add_argument("--label", help="the label column (default: the most label-like one)")
+    add.add_argument("--label", help="the label column (default: the clear best candidate; asked for if none is)")
     add.add_argument("--name", help="the dataset's name (default: from the file name)")
     add.add_argument("--params", default="params.yaml", help="the params the proposal starts from")
     add.add_argument("--link", action="store_true", help="hard-link the file instead of copying it")

@@ -62,7 +62,8 @@ class CleanParams(Section):
     drop_duplicates: bool = True
     conflicting_labels: Literal["majority", "drop"] = "majority"
     rare_classes: Literal["drop", "fail"] = "drop"
-    # with data.classes unset, a tiny class one edit from a big one (benigh / benign) stops the run
+    # with data.classes unset, a text class one edit from one 10x its size (benigh / benign) stops the run at clean,
+    # naming the pairs (numbers are never typos: tasks/data.py:similar_label_pairs)
     similar_labels: Literal["fail", "keep"] = "fail"
     min_samples_per_class: int = Field(default=0, ge=0)
 

@@ -117,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
         "tasks/baseline.py",
         deps=dict(SPLIT_INPUTS),
         outs=same("baseline_report"),
-        params={"image_shape": "data.image_shape", "seed": "seed"},
+        params={"image_shape": "data.image_shape", "seed": "seed", "min_macro_f1_margin": "select.min_macro_f1_margin"},
         when="evaluate.baseline",
         metrics=("baseline_report",),
     ),

@@ -58,20 +58,31 @@ class Verdict:
     why: str
 
 
+def macro_f1_shortfall(f1: float, majority_f1: float, margin: float) -> str | None:
+    """Why a validation macro-F1 misses the majority-class predictor's + `select.min_macro_f1_margin`, or None.
+
+    The select stage's wording; the baseline stage says the same when it stops a run before fine-tuning.
+    """
+    floor = majority_f1 + margin
+    if f1 >= floor - 1e-12:
+        return None
+    return (
+        f"validation macro-F1 {f1:.4f} < {floor:.4f} (majority-class predictor {majority_f1:.4f} + "
+        f"select.min_macro_f1_margin {margin}) by {floor - f1:.4f}"
+    )
+
+
 def _problems(acc: float, f1: float, teacher_val_accuracy: float, majority_f1: float, cfg: SelectParams) -> list[str]:
     """What keeps a candidate out, each with its threshold and by how much (empty: it meets the constraint)."""
-    floor, f1_floor = teacher_val_accuracy - cfg.max_drop, majority_f1 + cfg.min_macro_f1_margin
+    floor = teacher_val_accuracy - cfg.max_drop
     problems = []
     if acc < floor - 1e-12:
         problems.append(
             f"validation accuracy {acc:.4f} < {floor:.4f} (teacher {teacher_val_accuracy:.4f} − "
             f"select.max_drop {cfg.max_drop}) by {floor - acc:.4f}"
         )
-    if f1 < f1_floor - 1e-12:
-        problems.append(
-            f"validation macro-F1 {f1:.4f} < {f1_floor:.4f} (majority-class predictor "
-            f"{majority_f1:.4f} + select.min_macro_f1_margin {cfg.min_macro_f1_margin}) by {f1_floor - f1:.4f}"
-        )
+    if (short := macro_f1_shortfall(f1, majority_f1, cfg.min_macro_f1_margin)) is not None:
+        problems.append(short)
     return problems
 
 

@@ -36,6 +36,7 @@ DROP_RULES = (
     "duplicates",
     "rare_classes",
 )
+SIMILAR_LABEL_RATIO = 10  # a text class this many times smaller than one a single edit away reads as its typo
 
 # ----------------------------------------------------------------------------
 # ingest
@@ -131,18 +132,7 @@ def read_raw(
         raise DistilflowError(f"data.source is not a file: {path}")
     df = _read_any(path, data.separator)
     if data.label_column not in df.columns:
-        sniffed = sniff_separator(path) if path.suffix.lower() == ".csv" else None
-        if sniffed and sniffed != data.separator:
-            shown = {"\t": "tab"}.get(sniffed, repr(sniffed))
-            raise DistilflowError(
-                f"label column '{data.label_column}' not found in {path}: the file looks {shown}-separated, not "
-                f"{data.separator!r} (its header reads as {len(df.columns)} column(s)); set data.separator: "
-                f"{sniffed!r}"
-            )
-        cols = ", ".join(map(str, df.columns[:8])) + (", ..." if len(df.columns) > 8 else "")
-        raise DistilflowError(
-            f"label column '{data.label_column}' not found in {path} (columns: {cols}); set data.label_column"
-        )
+        raise _no_label_column(path, df, data)
     if data.path_column in df.columns:
         df = _load_images(df, path.parent, data)
     if len(df) == 0:
@@ -182,6 +172,22 @@ def read_raw(
     if plan_out is not None:
         plan_out.append(plan)
     return table
+
+
+def _no_label_column(path: Path, df: pd.DataFrame, data: DataParams) -> DistilflowError:
+    """The error for a missing label column: most often a wrong separator, which it names."""
+    sniffed = sniff_separator(path) if path.suffix.lower() == ".csv" else None
+    if sniffed and sniffed != data.separator:
+        shown = {"\t": "tab"}.get(sniffed, repr(sniffed))
+        return DistilflowError(
+            f"label column '{data.label_column}' not found in {path}: the file looks {shown}-separated, not "
+            f"{data.separator!r} (its header reads as {len(df.columns)} column(s)); set data.separator: "
+            f"{sniffed!r}"
+        )
+    cols = ", ".join(map(str, df.columns[:8])) + (", ..." if len(df.columns) > 8 else "")
+    return DistilflowError(
+        f"label column '{data.label_column}' not found in {path} (columns: {cols}); set data.label_column"
+    )
 
 
 def _dropped_text(plan: ColumnPlan) -> str:
@@ -236,81 +242,18 @@ def clean_table(
     numeric = [c for c in features if c not in categorical]
     rows_in = len(df)
 
-    labels = df[LABEL].map(normalize_label)
-    keep = labels.notna().to_numpy().copy()  # pandas 3 hands out read-only views
-    dropped["missing_label"] = int((~keep).sum())
-    if classes is not None:
-        allowed = {normalize_label(c) for c in classes}
-        valid = labels.map(lambda v: v in allowed).to_numpy()
-        dropped["invalid_label"] = int((keep & ~valid).sum())
-        keep &= valid
+    labels, keep = _known_labels(df[LABEL], classes, dropped)
     X = df[numeric].to_numpy(dtype=np.float64, copy=True)  # ours to edit in place
     C = df[categorical].reset_index(drop=True) if categorical else None
-    labels = labels.to_numpy(dtype=object)
     del df  # the caller's frame need not outlive this point (clean_stage passes it straight in)
 
-    finite = np.isfinite(X)
-    bad_rows = ~finite.all(axis=1)
-    if clean.nonfinite == "drop":
-        dropped["nonfinite"] = int((keep & bad_rows).sum())
-        keep &= ~bad_rows
-    else:  # leave NaN for the normalizer to fill with the *train* median (no leakage)
-        modified["cells_to_impute"] = int((~finite[keep]).sum())
-        modified["rows_to_impute"] = int((keep & bad_rows).sum())
-        X[~finite] = np.nan  # ±inf too
-    del finite
-
+    keep = _nonfinite_rule(X, keep, clean, dropped, modified)
     if value_range is not None:
-        lo, hi = value_range
-        with np.errstate(invalid="ignore"):
-            outside = lo > X
-            outside |= hi < X
-        share = float(outside[keep].sum()) / max(1, int(keep.sum()) * X.shape[1])
-        if share > clean.max_out_of_range_share:
-            observed = X[keep][np.isfinite(X[keep])]
-            raise DistilflowError(
-                f"{share:.1%} of the feature values fall outside data.value_range [{lo:g}, {hi:g}] (observed "
-                f"[{observed.min():g}, {observed.max():g}]): set data.value_range to the data's range "
-                f"(e.g. [{np.floor(observed.min()):g}, {np.ceil(observed.max()):g}]) or null, or raise "
-                f"clean.max_out_of_range_share ({clean.max_out_of_range_share:g}) if clipping them is intended"
-            )
-        if clean.out_of_range == "drop":
-            rows = outside.any(axis=1)
-            dropped["out_of_range"] = int((keep & rows).sum())
-            keep &= ~rows
-        else:
-            modified["cells_clipped"] = int(outside[keep].sum())
-            np.clip(X, lo, hi, out=X)  # NaN stays NaN
-        del outside
-
-    # row hashes of every row, then only the kept ones: a row's hash does not depend on the others
-    fkey = row_keys(pd.DataFrame(X, copy=False) if C is None else pd.concat([pd.DataFrame(X, copy=False), C], axis=1))
-    rows = np.flatnonzero(keep)
-    y = _uniform_labels(labels[rows])
-    conflict_free = _resolve_conflicts(fkey[rows], y, clean.conflicting_labels)
-    dropped["conflicting_labels"] = int((~conflict_free).sum())
-    rows, y = rows[conflict_free], y[conflict_free]
-
-    if clean.drop_duplicates:
-        dup = pd.DataFrame({"k": fkey[rows], "y": y}).duplicated().to_numpy()
-        dropped["duplicates"] = int(dup.sum())
-        rows, y = rows[~dup], y[~dup]
-
+        keep = _value_range_rule(X, keep, value_range, clean, dropped, modified)
+    rows, y = _distinct_rows(X, C, labels, keep, clean, dropped)
     if classes is None and clean.similar_labels == "fail":
-        _refuse_typo_classes(pd.Series(y).value_counts())
-    need = max(min_per_class, clean.min_samples_per_class)
-    counts = pd.Series(y).value_counts()
-    rare = counts[counts < need]
-    rare_classes = {str(k): int(v) for k, v in rare.items()}
-    if len(rare):
-        if clean.rare_classes == "fail":
-            raise DistilflowError(
-                f"too few samples to stratify: classes {rare_classes} have fewer than {need} rows "
-                "(the split needs one per part); add data, or set clean.rare_classes=drop"
-            )
-        rare_rows = np.isin(y, rare.index.to_numpy())
-        dropped["rare_classes"] = int(rare_rows.sum())
-        rows, y = rows[~rare_rows], y[~rare_rows]
+        _refuse_similar_labels(pd.Series(y).value_counts())
+    rows, y, rare_classes = _rare_class_rule(rows, y, clean, min_per_class, dropped)
 
     X = X[rows] if len(rows) < len(X) else X  # the one copy of the rows that stay
     out = pd.DataFrame(X, columns=numeric, copy=False)
@@ -319,15 +262,7 @@ def clean_table(
             out[col] = C[col].to_numpy(dtype=object)[rows]
         out = out[features]
     out.insert(0, LABEL, y)
-    if len(out) == 0:
-        raise DistilflowError(
-            f"no rows left after cleaning ({rows_in} in): {_nonzero(dropped)}; check data.classes and data.value_range"
-        )
-    n_classes = out[LABEL].nunique()
-    if n_classes < 2:
-        raise DistilflowError(
-            f"only {n_classes} class left after cleaning ({_nonzero(dropped)}); a classifier needs at least 2"
-        )
+    _check_enough_left(out, rows_in, dropped)
     report = {
         "rows_in": rows_in,
         "rows_out": len(out),
@@ -337,6 +272,115 @@ def clean_table(
         "class_counts": {str(k): int(v) for k, v in out[LABEL].value_counts().sort_index().items()},
     }
     return out, report
+
+
+def _known_labels(raw: pd.Series, classes: list | None, dropped: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised labels, the rows whose label is present and, with `data.classes` set, one of them)."""
+    labels = raw.map(normalize_label)
+    keep = labels.notna().to_numpy().copy()  # pandas 3 hands out read-only views
+    dropped["missing_label"] = int((~keep).sum())
+    if classes is not None:
+        allowed = {normalize_label(c) for c in classes}
+        valid = labels.map(lambda v: v in allowed).to_numpy()
+        dropped["invalid_label"] = int((keep & ~valid).sum())
+        keep &= valid
+    return labels.to_numpy(dtype=object), keep
+
+
+def _nonfinite_rule(X: np.ndarray, keep: np.ndarray, clean: CleanParams, dropped: dict, modified: dict) -> np.ndarray:
+    """Rows with NaN/inf features: dropped, or left as NaN for the normalizer to impute."""
+    finite = np.isfinite(X)
+    bad_rows = ~finite.all(axis=1)
+    if clean.nonfinite == "drop":
+        dropped["nonfinite"] = int((keep & bad_rows).sum())
+        return keep & ~bad_rows
+    # impute: leave NaN for the normalizer to fill with the *train* median (no leakage)
+    modified["cells_to_impute"] = int((~finite[keep]).sum())
+    modified["rows_to_impute"] = int((keep & bad_rows).sum())
+    X[~finite] = np.nan  # ±inf too
+    return keep
+
+
+def _value_range_rule(
+    X: np.ndarray,
+    keep: np.ndarray,
+    value_range: tuple[float, float],
+    clean: CleanParams,
+    dropped: dict,
+    modified: dict,
+) -> np.ndarray:
+    """Values outside `data.value_range`: clipped or their rows dropped; a large share stops the run."""
+    lo, hi = value_range
+    with np.errstate(invalid="ignore"):
+        outside = lo > X
+        outside |= hi < X
+    share = float(outside[keep].sum()) / max(1, int(keep.sum()) * X.shape[1])
+    if share > clean.max_out_of_range_share:
+        observed = X[keep][np.isfinite(X[keep])]
+        raise DistilflowError(
+            f"{share:.1%} of the feature values fall outside data.value_range [{lo:g}, {hi:g}] (observed "
+            f"[{observed.min():g}, {observed.max():g}]): set data.value_range to the data's range "
+            f"(e.g. [{np.floor(observed.min()):g}, {np.ceil(observed.max()):g}]) or null, or raise "
+            f"clean.max_out_of_range_share ({clean.max_out_of_range_share:g}) if clipping them is intended"
+        )
+    if clean.out_of_range == "drop":
+        rows = outside.any(axis=1)
+        dropped["out_of_range"] = int((keep & rows).sum())
+        return keep & ~rows
+    modified["cells_clipped"] = int(outside[keep].sum())
+    np.clip(X, lo, hi, out=X)  # NaN stays NaN
+    return keep
+
+
+def _distinct_rows(
+    X: np.ndarray, C: pd.DataFrame | None, labels: np.ndarray, keep: np.ndarray, clean: CleanParams, dropped: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept row indices, their labels) once conflicting labels are resolved and exact duplicates collapsed."""
+    # row hashes of every row, then only the kept ones: a row's hash does not depend on the others
+    fkey = row_keys(pd.DataFrame(X, copy=False) if C is None else pd.concat([pd.DataFrame(X, copy=False), C], axis=1))
+    rows = np.flatnonzero(keep)
+    y = _uniform_labels(labels[rows])
+    conflict_free = _resolve_conflicts(fkey[rows], y, clean.conflicting_labels)
+    dropped["conflicting_labels"] = int((~conflict_free).sum())
+    rows, y = rows[conflict_free], y[conflict_free]
+    if clean.drop_duplicates:
+        dup = pd.DataFrame({"k": fkey[rows], "y": y}).duplicated().to_numpy()
+        dropped["duplicates"] = int(dup.sum())
+        rows, y = rows[~dup], y[~dup]
+    return rows, y
+
+
+def _rare_class_rule(
+    rows: np.ndarray, y: np.ndarray, clean: CleanParams, min_per_class: int, dropped: dict
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Classes too small to stratify: their rows dropped (returned as {class: rows}), or the run stopped."""
+    need = max(min_per_class, clean.min_samples_per_class)
+    counts = pd.Series(y).value_counts()
+    rare = counts[counts < need]
+    rare_classes = {str(k): int(v) for k, v in rare.items()}
+    if not len(rare):
+        return rows, y, rare_classes
+    if clean.rare_classes == "fail":
+        raise DistilflowError(
+            f"too few samples to stratify: classes {rare_classes} have fewer than {need} rows "
+            "(the split needs one per part); add data, or set clean.rare_classes=drop"
+        )
+    rare_rows = np.isin(y, rare.index.to_numpy())
+    dropped["rare_classes"] = int(rare_rows.sum())
+    return rows[~rare_rows], y[~rare_rows], rare_classes
+
+
+def _check_enough_left(out: pd.DataFrame, rows_in: int, dropped: dict) -> None:
+    """Cleaning that leaves no rows, or one class, stops the run saying what it dropped."""
+    if len(out) == 0:
+        raise DistilflowError(
+            f"no rows left after cleaning ({rows_in} in): {_nonzero(dropped)}; check data.classes and data.value_range"
+        )
+    n_classes = out[LABEL].nunique()
+    if n_classes < 2:
+        raise DistilflowError(
+            f"only {n_classes} class left after cleaning ({_nonzero(dropped)}); a classifier needs at least 2"
+        )
 
 
 def one_edit_apart(a: str, b: str) -> bool:
@@ -349,17 +393,40 @@ def one_edit_apart(a: str, b: str) -> bool:
     return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
-def _refuse_typo_classes(counts: pd.Series) -> None:
-    """A tiny text class one edit away from a big one (`benigh` beside `benign`) is a typo, not a class."""
-    labels = [(str(k), int(v)) for k, v in counts.items() if isinstance(k, str)]
-    for small, n_small in labels:
-        for big, n_big in labels:
-            if n_big >= 10 * n_small and one_edit_apart(small, big):
-                raise DistilflowError(
-                    f"label '{small}' ({n_small} rows) is one edit away from '{big}' ({n_big} rows): a typo? Set "
-                    "data.classes to the intended labels (then typos count as invalid labels), or set "
-                    "clean.similar_labels: keep if both are real classes"
-                )
+def similar_label_pairs(counts: dict) -> list[tuple[str, int, str, int]]:
+    """(small, its rows, big, its rows) for each text label one edit from a class `SIMILAR_LABEL_RATIO` times its size.
+
+    `benigh` (4 rows) beside `benign` (200) is a typo, not a class. Only words count: numbers are not
+    misspelt that way, and any two one-digit classes are one edit apart, so an imbalanced 0/1 label would be
+    refused. The clean stage (clean.similar_labels: fail) and add-data both apply this rule.
+    """
+    words = [(str(k), int(v)) for k, v in counts.items() if _is_word(k)]
+    return [
+        (small, n_small, big, n_big)
+        for small, n_small in words
+        for big, n_big in words
+        if n_big >= SIMILAR_LABEL_RATIO * n_small and one_edit_apart(small, big)
+    ]
+
+
+def _is_word(label) -> bool:
+    try:
+        float(str(label))
+    except ValueError:
+        return True
+    return False
+
+
+def _refuse_similar_labels(counts: pd.Series) -> None:
+    """Stop the run naming every likely typo (`similar_label_pairs`), with the two ways to decide."""
+    pairs = similar_label_pairs(counts.to_dict())
+    if pairs:
+        named = "; ".join(f"label {s!r} ({n} rows) is one edit away from {b!r} ({m} rows)" for s, n, b, m in pairs)
+        raise DistilflowError(
+            f"{named}: {'a typo' if len(pairs) == 1 else 'typos'}? Set data.classes to the intended labels (then "
+            "typos count as invalid labels and are dropped), or set clean.similar_labels: keep if they are real "
+            "classes"
+        )
 
 
 def _nonzero(counts: dict) -> str:

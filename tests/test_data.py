@@ -282,6 +282,27 @@ def test_a_tiny_label_one_edit_from_a_big_one_is_flagged_as_a_typo():
     assert rep["dropped"]["invalid_label"] == 2
 
 
+def test_every_likely_typo_is_named_in_the_one_error():
+    rows = [("benign", 0.1 * i, 1.0) for i in range(30)] + [("malignant", 5 + 0.1 * i, 2.0) for i in range(20)]
+    rows += [("benigh", 3.3, 3.3), ("malignat", 7.7, 7.7)]
+    data = DataParams(image_shape=None, value_range=None, classes=None)
+    with pytest.raises(DistilflowError) as caught:
+        run_clean(rows, data=data)
+    message = str(caught.value)
+    assert "label 'benigh' (1 rows) is one edit away from 'benign' (30 rows)" in message
+    assert "label 'malignat' (1 rows) is one edit away from 'malignant' (20 rows)" in message
+    assert "typos?" in message and "clean.similar_labels: keep" in message
+
+
+def test_numbers_are_never_refused_as_typos():
+    """0 beside 1, or 10 beside 0, is a class, not a typo: an imbalanced 0/1 label is common (fraud, faults)."""
+    rows = [(0, 0.01 * i, 1.0) for i in range(200)] + [(1, 5 + 0.1 * i, 2.0) for i in range(5)]
+    rows += [(10, 9 + 0.1 * i, 3.0) for i in range(3)]
+    data = DataParams(image_shape=None, value_range=None, classes=None)
+    out, _ = run_clean(rows, data=data)
+    assert out[LABEL].value_counts().to_dict() == {0: 200, 1: 5, 10: 3}
+
+
 def test_a_semicolon_csv_gets_an_error_naming_the_separator(tmp_path):
     from tasks.data import read_raw
 

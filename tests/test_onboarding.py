@@ -70,11 +70,24 @@ def test_a_spreadsheet_export_is_read_right_copied_tracked_and_proposed(dvc_proj
     proposal = dvc_project / "params.clinic-export.yaml"
     data = yaml.safe_load(proposal.read_text())["data"]
     assert data["separator"] == ";" and data["label_column"] == "Outcome" and data["image_shape"] is None
-    assert data["classes"] is None  # a likely typo: left for the user to decide
+    assert data["classes"] == ["benign", "malignant"]  # the likely typo left out, and named where it was left out
+    assert "# left out: 'benigh' (4 rows), one edit from 'benign'" in proposal.read_text()
     assert data["name"] == "clinic-export" and data["source"] == "data/raw/clinic-export.csv"
     params = load_params(proposal)  # a valid params file, for a table
     assert params.normalize.method == "standard" and params.backbone.spec == "builtin:cnn"
     assert not params.transfer.enabled and params.registered_model() == "distilflow-clinic-export"
+
+
+def test_the_proposal_for_a_file_with_a_typo_passes_the_clean_stage(dvc_project, tmp_path):
+    """add-data never writes params that clean.similar_labels: fail would stop: the typo's rows are dropped."""
+    from tasks.data import clean_table, read_raw
+
+    assert _add(dvc_project, str(_clinic(tmp_path / "c.csv"))).returncode == 0
+    params = load_params(dvc_project / "params.c.yaml")
+    assert params.clean.similar_labels == "fail"
+    table = read_raw(dvc_project / params.data.source, params.data, params.features)
+    out, report = clean_table(table, params.clean, params.data.classes, params.data.value_range, 3)
+    assert report["dropped"]["invalid_label"] == 4 and set(out["label"]) == {"benign", "malignant"}
 
 
 def test_pixels_are_recognised_as_images_with_their_range(dvc_project, tmp_path):
@@ -126,3 +139,146 @@ def test_another_file_under_the_same_name_needs_force(dvc_project, tmp_path):
     assert (dvc_project / "data/raw/c.csv").read_bytes() == first.read_bytes()
     assert _add(dvc_project, str(other), "--force").returncode == 0
     assert (dvc_project / "data/raw/c.csv").read_bytes() == other.read_bytes()
+
+
+# ----------------------------------------------------------------------------
+# which column is the label (tasks/onboarding.py's module docstring says how it is chosen)
+
+
+def _pixels(n: int = 300) -> pd.DataFrame:
+    """scikit-learn's digits upsampled to 28x28, as `p0..p783` in 0..255: 17 values each, like the issue's export."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images[:n], np.ones((4, 4)))[:, 2:30, 2:30]
+    pixels = np.round(images * 255 / 16).astype(np.int64).reshape(n, -1)
+    return pd.DataFrame(pixels, columns=[f"p{i}" for i in range(784)]), digits.target[:n]
+
+
+def test_a_label_named_digit_before_784_pixel_columns_is_the_label_and_the_image_is_the_pixels(tmp_path):
+    """The issue's export: the label first as `digit`, then `p0..p783` (each pixel has few whole values too)."""
+    from tasks.onboarding import describe, inspect_file
+
+    pixels, digit = _pixels()
+    pixels.insert(0, "digit", digit)
+    pixels.to_csv(tmp_path / "export.csv", index=False)
+    report = inspect_file(tmp_path / "export.csv")
+    assert report["label"] == "digit" and report["data"]["classes"] == list(range(10)) and not report["typos"]
+    assert report["data"]["image_shape"] == [28, 28, 1] and report["data"]["value_range"] == [0.0, 255.0]
+    lines = describe(report)
+    assert "label column: digit (named like a label; the first column)" in lines
+    assert any(
+        line.startswith("images: [28, 28, 1] from the 784 columns p0 … p783, in the file's order") for line in lines
+    )
+    p783 = next(r for r in report["label_candidates"] if r["column"] == "p783")
+    assert p783["why"][:2] == ["the last column", "one of the numbered columns p0..p783"]
+
+
+def test_an_unnamed_label_after_the_pixels_is_the_label(tmp_path):
+    from tasks.onboarding import inspect_file
+
+    pixels, digit = _pixels()
+    pixels["kind"] = digit  # no label's name: its place and the pixels' numbered run decide
+    pixels.to_parquet(tmp_path / "export.parquet", index=False)
+    report = inspect_file(tmp_path / "export.parquet")
+    assert report["label"] == "kind" and report["data"]["image_shape"] == [28, 28, 1]
+    assert report["image_columns"] == {
+        "count": 784,
+        "first": "p0",
+        "last": "p783",
+        "numbered_in_order": True,
+        "odd": [],
+    }
+
+
+def test_a_wrong_label_shows_in_the_image_line_and_a_warning(tmp_path):
+    """What the issue saw (`--label p783` now, by hand): the image built from `digit` plus p0..p782."""
+    from tasks.onboarding import describe, inspect_file
+
+    pixels, digit = _pixels(100)
+    pixels.insert(0, "digit", digit)
+    pixels.to_csv(tmp_path / "export.csv", index=False)
+    lines = describe(inspect_file(tmp_path / "export.csv", label="p783"))
+    assert any(line.startswith("images: [28, 28, 1] from the 784 columns digit … p782,") for line in lines)
+    assert "WARNING: digit is in the image but not numbered like the other columns: is the label column right?" in lines
+
+
+def test_a_label_in_the_middle_of_a_table_is_found_by_its_name(tmp_path):
+    from tasks.onboarding import inspect_file
+
+    rng = np.random.default_rng(0)
+    n = 300
+    pd.DataFrame(
+        {
+            "sex": rng.choice(["f", "m"], n),  # few values, and first
+            "age": rng.integers(20, 90, n),
+            "Diagnosis": rng.choice(["benign", "malignant"], n),
+            "bmi": rng.normal(25, 4, n).round(1),
+            "smoker": rng.choice(["yes", "no"], n),  # few values, and last
+        }
+    ).to_csv(tmp_path / "t.csv", index=False)
+    report = inspect_file(tmp_path / "t.csv")
+    assert report["label"] == "Diagnosis" and report["data"]["image_shape"] is None
+    assert [r["column"] for r in report["label_candidates"]] == ["sex", "smoker"]  # age: too many values
+
+
+def test_pixel_columns_out_of_their_numbers_order_are_named_in_a_warning(tmp_path):
+    from tasks.onboarding import describe, inspect_file
+
+    pixels, digit = _pixels(100)
+    pixels = pixels[sorted(pixels.columns)]  # p0, p1, p10, p100, ...: a spreadsheet's sort
+    pixels["label"] = digit
+    pixels.to_csv(tmp_path / "sorted.csv", index=False)
+    lines = describe(inspect_file(tmp_path / "sorted.csv"))
+    assert any(line.startswith("images: [28, 28, 1] from the 784 columns p0 … p99,") for line in lines)
+    assert any(line.startswith("WARNING: the pixel columns are not in their numbers' order") for line in lines)
+
+
+def _no_clear_label(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = 200
+    pd.DataFrame(
+        {
+            "weight": rng.normal(70, 10, n),
+            "site": rng.choice(["north", "south", "east"], n),
+            "visits": rng.integers(0, 6, n),
+            "height": rng.normal(170, 9, n),
+        }
+    ).to_csv(path, index=False)
+    return path
+
+
+def _two_close(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = 200
+    pd.DataFrame(
+        {"site": rng.choice(["north", "south"], n), "x": rng.normal(size=n), "status": rng.choice(["a", "b"], n)}
+    ).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "label", "message"),
+    [
+        (
+            _no_clear_label,
+            "visits",
+            "add-data: no column is clearly the label: 'site', 'visits' have few values, but none is named like a "
+            "label or placed first or last; name it with --label",
+        ),
+        (
+            _two_close,
+            "status",
+            "add-data: the label could be 'site' (the first column) or 'status' (the last column); name it with "
+            "--label site (or --label status)",
+        ),
+    ],
+)
+def test_no_clear_label_stops_with_one_line_asking_for_label(dvc_project, tmp_path, make, label, message):
+    source = make(tmp_path / "t.csv")
+    proc = _add(dvc_project, str(source))
+    assert proc.returncode == 1 and proc.stderr.strip() == f"distilflow: error: {message}", proc.stderr
+    assert proc.stdout == "" and not (dvc_project / "data").exists() and not (dvc_project / "params.t.yaml").exists()
+    proc = _add(dvc_project, str(source), "--label", label)  # what the line asks for
+    assert proc.returncode == 0 and f"label column: {label} (given with --label)" in proc.stdout, proc.stderr
+    assert load_params(dvc_project / "params.t.yaml").data.label_column == label

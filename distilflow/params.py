@@ -413,7 +413,7 @@ class Dimension(Section):
 
 
 class SearchParams(Section):
-    """`distilflow search`: an Optuna study over params paths (flows/search.py).
+    """`distilflow search`: an Optuna study over params paths (tasks/search/, wired by flows/search.py).
 
     target: `student` searches the distill/prune/quantize/select keys on one
     teacher; `teacher` searches the fine-tune (train.*) and writes the best

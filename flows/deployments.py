@@ -9,7 +9,7 @@ Two ways to run them, both with the crons from `params.yaml: schedule`:
 The entry points take a params *file* (what a deployment can carry as a
 parameter) and load it at this edge, like the CLI does. Each deployment has a
 concurrency limit of one run, and registration/promotion of one model are
-serialised by flows/registry.py:registry_lock on top.
+serialised by flows/locks.py:registry_lock on top.
 """
 
 from __future__ import annotations

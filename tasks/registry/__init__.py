@@ -12,7 +12,7 @@ every gate passes, moves `champion` to it and keeps the old one as
 - `card`: the model card a reviewer reads.
 
 Plain functions over a `distilflow.tracking.Tracker`; the Prefect flows and
-the lock that keeps two promotions of one model apart live in flows/registry.py.
+the lock that keeps two changes of one model apart live in flows/registry.py and flows/locks.py.
 """
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"

@@ -52,6 +52,11 @@ def interleaved_timings(
     return {name: summarize(s) for name, s in samples.items()}
 
 
+def in_ms(summary: dict) -> dict:
+    """A timing summary in milliseconds (its count `n` left as it is)."""
+    return {k: (v * 1e3 if k != "n" else v) for k, v in summary.items()}
+
+
 def ratio(numerator: dict, denominator: dict) -> dict:
     """Ratio of two summaries' medians, with the range the extremes allow (worst to best case)."""
     return {

@@ -65,22 +65,31 @@ def mnist_splits(seed: int = 0) -> tuple[dict, tuple]:
     return {k: (apply_normalizer(pre, v), v[LABEL].map(index).to_numpy()) for k, v in parts.items()}, pre
 
 
-def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
-    """The source backbone: the demo's pretrain family (built-in CNN, 28×28 input) trained on all of digits."""
+def _digits_frame():
+    """scikit-learn's digits as the clean stage leaves the demo CSV: label first, float features (digits loses no
+    rows), so a split of it is the pipeline's split."""
     import pandas as pd
 
-    from distilflow.params import BackboneParams, SplitParams, TrainParams
-    from tasks.backbones import load_backbone
     from tasks.data import export_digits
-    from tasks.finetuning import fit
-    from tasks.preprocessing import apply_normalizer, fit_normalizer
-    from tasks.splits import LABEL, stratified_split
+    from tasks.splits import LABEL
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = pd.read_csv(export_digits(Path(tmp) / "digits.csv"))
     frame = raw.drop(columns=["label"]).astype("float64")
     frame.insert(0, LABEL, raw["label"].astype("int64"))
-    parts = stratified_split(frame, SplitParams(train=0.9, val=0.1, test=0.0), seed)
+    return frame
+
+
+def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
+    """The source backbone: the demo's pretrain family (built-in CNN, 28×28 input) trained on all of digits."""
+
+    from distilflow.params import BackboneParams, SplitParams, TrainParams
+    from tasks.backbones import load_backbone
+    from tasks.finetuning import fit
+    from tasks.preprocessing import apply_normalizer, fit_normalizer
+    from tasks.splits import LABEL, stratified_split
+
+    parts = stratified_split(_digits_frame(), SplitParams(train=0.9, val=0.1, test=0.0), seed)
     pre = fit_normalizer(parts["train"], "per_channel", (8, 8, 1))
     X = {k: apply_normalizer(pre, parts[k]) for k in ("train", "val")}
     y = {k: parts[k][LABEL].to_numpy() for k in ("train", "val")}
@@ -239,19 +248,12 @@ def run(
 
 def digits_splits(seed: int = 42) -> dict:
     """The demo data's frozen split, normalised as the pipeline does (per-channel, fitted on train)."""
-    import pandas as pd
 
     from distilflow.params import SplitParams
-    from tasks.data import export_digits
     from tasks.preprocessing import apply_normalizer, fit_normalizer
     from tasks.splits import LABEL, stratified_split
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = pd.read_csv(export_digits(Path(tmp) / "digits.csv"))
-    # as the clean stage leaves it (label first, float features; digits loses no rows), so the split is the same
-    frame = raw.drop(columns=["label"]).astype("float64")
-    frame.insert(0, LABEL, raw["label"].astype("int64"))
-    parts = stratified_split(frame, SplitParams(), seed)
+    parts = stratified_split(_digits_frame(), SplitParams(), seed)
     pre = fit_normalizer(parts["train"], "per_channel", (8, 8, 1))
     index = {c: i for i, c in enumerate(pre["classes"])}
     return {k: (apply_normalizer(pre, v), v[LABEL].map(index).to_numpy()) for k, v in parts.items()}

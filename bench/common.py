@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -11,6 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from distilflow.layout import Layout
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def summarize(samples: list[float]) -> dict:
@@ -45,6 +50,11 @@ def interleaved_timings(
                 fn()
                 samples[name].append(time.perf_counter() - t0)
     return {name: summarize(s) for name, s in samples.items()}
+
+
+def in_ms(summary: dict) -> dict:
+    """A timing summary in milliseconds (its count `n` left as it is)."""
+    return {k: (v * 1e3 if k != "n" else v) for k, v in summary.items()}
 
 
 def ratio(numerator: dict, denominator: dict) -> dict:
@@ -198,10 +208,37 @@ def client_env(**extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if k not in CLIENT_VARS}
     env.update(
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(REPO),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         TQDM_DISABLE="1",
         **extra,
     )
     return env
+
+
+def make_project(root: Path, digits: Path | None = None) -> Path:
+    """A fresh project: the repo's params.yaml and the demo digits CSV (a copy of `digits`, or written anew)."""
+    from tasks.data import export_digits
+
+    data = Layout(root).demo_data
+    data.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    if digits is None:
+        export_digits(data)
+    else:
+        shutil.copy(digits, data)
+    return root
+
+
+def distilflow_command(*args: str, params: Path, overrides: list[str] = ()) -> list[str]:
+    """`python -m distilflow ARGS --params PARAMS --set O ...` as a child process runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "distilflow",
+        *args,
+        "--params",
+        str(params),
+        *(a for o in overrides for a in ("--set", o)),
+    ]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import check, interleaved_timings
+from bench.common import check, in_ms, interleaved_timings
 
 BATCHES = (1, 256)
 
@@ -36,6 +36,71 @@ def _compiled_predictor(model: torch.nn.Module):
             return compiled(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).float().numpy()
 
     return predict
+
+
+def _quantize(model, data: dict, workdir: Path, name: str, seed: int, threads: int) -> tuple[Path, dict]:
+    """`model` quantized by the pipeline's int8 recipe (defaults and remedies): the int8 ONNX file and its record."""
+    from distilflow.params import QuantizeParams
+    from tasks.quantization.policy import quantize_int8
+
+    (Xtr, _), (Xva, yva) = data["train"], data["val"]
+    return quantize_int8(
+        model,
+        Xtr,
+        Xva,
+        yva,
+        QuantizeParams(),
+        workdir / ("quantize" if name == "student" else f"quantize-{name}"),
+        out_path=workdir / f"{name}.int8.onnx",
+        seed=seed,
+        threads=threads,
+    )
+
+
+def _variants(teacher, student, Xtr: np.ndarray, workdir: Path, int8_path: Path, teacher_int8_path: Path) -> dict:
+    """Every variant of the setting: each model eager, as an fp32 ONNX file and as its int8 ONNX file."""
+    from tasks.onnx_export import export_onnx
+
+    files = {
+        "teacher": export_onnx(teacher, Xtr[:2], workdir / "teacher.fp32.onnx"),
+        "student": export_onnx(student, Xtr[:2], workdir / "student.fp32.onnx"),
+    }
+    return {
+        "teacher fp32 eager": teacher,
+        "teacher fp32 ORT": files["teacher"],
+        "teacher int8 ORT": teacher_int8_path,
+        "student fp32 eager": student,
+        "student fp32 ORT": files["student"],
+        "student int8 ORT": int8_path,
+    }
+
+
+def _add_compiled(student, Xte: np.ndarray, yte: np.ndarray, rows: dict, predictors: dict, record: dict) -> None:
+    """The student under torch.compile, compiled at every timed batch size first; a failure is recorded, not fatal."""
+    try:
+        t0 = time.perf_counter()
+        fn = _compiled_predictor(student)
+        for bs in BATCHES:
+            fn(Xte[:bs] if len(Xte) >= bs else np.resize(Xte, (bs, Xte.shape[1])))
+        compiled_acc = float((fn(Xte).argmax(1) == yte).mean())
+        predictors["student fp32 compiled"] = fn
+        rows["student fp32 compiled"] = {
+            **rows["student fp32 eager"],
+            "variant": "student fp32 compiled",
+            "accuracy": compiled_acc,
+            "compile_s": time.perf_counter() - t0,
+        }
+    except Exception as exc:  # no C++ toolchain, unsupported op: recorded, not fatal
+        record["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
+
+def _time_latencies(predictors: dict, rows: dict, Xte: np.ndarray, repeats: tuple[int, int]) -> None:
+    """Every predictor at batch 1 and 256, round-robin in blocks; into each row as `latency_b{bs}_ms`."""
+    for bs, reps in zip(BATCHES, repeats):
+        batch = np.ascontiguousarray(np.resize(Xte, (bs, Xte.shape[1])), dtype=np.float32)
+        timings = interleaved_timings({v: (lambda p=p, b=batch: p(b)) for v, p in predictors.items()}, reps)
+        for v, t in timings.items():
+            rows[v][f"latency_b{bs}_ms"] = in_ms(t)
 
 
 def compare(
@@ -56,96 +121,42 @@ def compare(
     `data`: {"train": (X, y), "val": (X, y), "test": (X, y)} as model input (normalised float32).
     `repeats`: timed calls at batch 1 and at batch 256 (after 3 warm-up rounds).
     """
-    from distilflow.params import QuantizeParams
     from tasks.evaluate import evaluate_variant, load_variant
     from tasks.inference import OnnxPredictor
-    from tasks.onnx_export import export_onnx
-    from tasks.quantization.policy import quantize_int8
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        (Xtr, _), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
+        Xte, yte = data["test"]
         record: dict = {"setting": name, "threads": threads, "test_rows": int(len(yte))}
         if int8_path is None:
             t0 = time.perf_counter()
-            int8_path, qrec = quantize_int8(
-                student,
-                Xtr,
-                Xva,
-                yva,
-                QuantizeParams(),
-                workdir / "quantize",
-                out_path=workdir / "student.int8.onnx",
-                seed=seed,
-                threads=threads,
-            )
+            int8_path, qrec = _quantize(student, data, workdir, "student", seed, threads)
             record["quantize"] = {
                 "remedy": qrec["remedy"],
                 "reason": qrec["reason"],
                 "seconds": time.perf_counter() - t0,
             }
         if teacher_int8_path is None:  # the same int8 recipe on the bigger model: where int8 does pay, or not
-            teacher_int8_path, trec = quantize_int8(
-                teacher,
-                Xtr,
-                Xva,
-                yva,
-                QuantizeParams(),
-                workdir / "quantize-teacher",
-                out_path=workdir / "teacher.int8.onnx",
-                seed=seed,
-                threads=threads,
-            )
+            teacher_int8_path, trec = _quantize(teacher, data, workdir, "teacher", seed, threads)
             record["quantize_teacher"] = {"remedy": trec["remedy"], "reason": trec["reason"]}
-        files = {
-            "teacher": export_onnx(teacher, Xtr[:2], workdir / "teacher.fp32.onnx"),
-            "student": export_onnx(student, Xtr[:2], workdir / "student.fp32.onnx"),
-        }
-        variants = {
-            "teacher fp32 eager": teacher,
-            "teacher fp32 ORT": files["teacher"],
-            "teacher int8 ORT": teacher_int8_path,
-            "student fp32 eager": student,
-            "student fp32 ORT": files["student"],
-            "student int8 ORT": int8_path,
-        }
+        variants = _variants(teacher, student, data["train"][0], workdir, int8_path, teacher_int8_path)
         rows = {v: evaluate_variant(v, m, Xte, yte, threads=threads, latency_batches=()) for v, m in variants.items()}
         predictors = {
             v: (OnnxPredictor(m, threads) if isinstance(m, Path) else load_variant(m, threads)[0])
             for v, m in variants.items()
         }
         if use_compile:
-            try:
-                t0 = time.perf_counter()
-                fn = _compiled_predictor(student)
-                for bs in BATCHES:
-                    fn(Xte[:bs] if len(Xte) >= bs else np.resize(Xte, (bs, Xte.shape[1])))
-                compiled_acc = float((fn(Xte).argmax(1) == yte).mean())
-                predictors["student fp32 compiled"] = fn
-                rows["student fp32 compiled"] = {
-                    **rows["student fp32 eager"],
-                    "variant": "student fp32 compiled",
-                    "accuracy": compiled_acc,
-                    "compile_s": time.perf_counter() - t0,
-                }
-            except Exception as exc:  # no C++ toolchain, unsupported op: recorded, not fatal
-                record["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        for bs, reps in zip(BATCHES, repeats):
-            batch = np.ascontiguousarray(np.resize(Xte, (bs, Xte.shape[1])), dtype=np.float32)
-            timings = interleaved_timings({v: (lambda p=p, b=batch: p(b)) for v, p in predictors.items()}, reps)
-            for v, t in timings.items():
-                rows[v][f"latency_b{bs}_ms"] = {k: (x * 1e3 if k != "n" else x) for k, x in t.items()}
+            _add_compiled(student, Xte, yte, rows, predictors, record)
+        _time_latencies(predictors, rows, Xte, repeats)
     finally:
         torch.set_num_threads(previous)
-
-    table = [
+    record["variants"] = [
         {k: r[k] for k in ("variant", "accuracy", "file_bytes", "parameters") if k in r}
         | {k: v for k, v in r.items() if k.startswith("latency") or k == "compile_s"}
         for r in rows.values()
     ]
-    record["variants"] = table
     record["targets"], record["ratios"] = _targets(name, rows)
     return record
 

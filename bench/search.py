@@ -26,22 +26,18 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import check, client_env, summarize
+from bench.common import REPO, check, client_env, distilflow_command, make_project, summarize
 from distilflow.layout import Layout
 from distilflow.uris import sqlite_uri
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def distilflow(project: Path, *args: str, overrides: list[str], env: dict[str, str] | None = None):
     """`python -m distilflow ARGS --params PROJECT/params.yaml --set ...`; (exit code, output)."""
-    cmd = [sys.executable, "-m", "distilflow", *args, "--params", str(project / "params.yaml")]
-    cmd += [a for o in overrides for a in ("--set", o)]
+    cmd = distilflow_command(*args, params=project / "params.yaml", overrides=overrides)
     proc = subprocess.run(
         cmd, cwd=REPO, env=env or client_env(PREFECT_HOME=str(project / ".prefect")), capture_output=True, text=True
     )
@@ -154,74 +150,51 @@ def _dask_cluster(workers: int):
     )
 
 
-def run(
-    seeds=(0,),
-    n_trials: int = 8,
-    parallel_trials: int = 4,
-    quick: bool = True,
-    workdir: Path | None = None,
-) -> dict:
-    """The search family (see the module docstring); `quick` shortens every trial's epochs."""
-    from bench.orchestration import QUICK_OVERRIDES, make_project
-    from tasks.search.front import OBJECTIVE_FIELD
+def _one_seed(work: Path, seed: int, base: list[str], n_trials: int, cost: str) -> dict:
+    """On a fresh project: the default recipe's product, the TPE search's pick, and both samplers' hypervolumes."""
+    project = make_project(work / f"seed{seed}")
+    common = [*base, f"seed={seed}"]
+    print(f"  search: seed {seed}: the default recipe ...", flush=True)
+    rc, out = distilflow(project, "run", overrides=common)
+    if rc != 0:
+        raise RuntimeError(f"the default recipe failed (exit {rc}): {out[-600:]}")
+    default = _default_product(project)
+    budget = [f"search.n_trials={n_trials}", "search.workers=2"]
+    tpe, _ = _search(project, f"tpe{seed}", [*common, *budget, "search.sampler=tpe"])
+    searched = _searched_product(project, f"tpe{seed}")
+    rnd, _ = _search(project, f"random{seed}", [*common, *budget, "search.sampler=random"])
+    volumes = shared_hypervolume({"tpe": _points(tpe, cost), "random": _points(rnd, cost)})
+    return {"seed": seed, "default": default, "searched": searched, "hypervolume": volumes}
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench-search-"))
-    base = list(QUICK_OVERRIDES if quick else [])  # the orchestration family's short settings
-    cost = OBJECTIVE_FIELD["latency_b1"]
-    products, hv, per_seed = [], [], []
-    try:
-        for seed in seeds:
-            project = make_project(work / f"seed{seed}")
-            common = [*base, f"seed={seed}"]
-            print(f"  search: seed {seed}: the default recipe ...", flush=True)
-            rc, out = distilflow(project, "run", overrides=common)
-            if rc != 0:
-                raise RuntimeError(f"the default recipe failed (exit {rc}): {out[-600:]}")
-            default = _default_product(project)
-            budget = [f"search.n_trials={n_trials}", "search.workers=2"]
-            tpe, _ = _search(project, f"tpe{seed}", [*common, *budget, "search.sampler=tpe"])
-            searched = _searched_product(project, f"tpe{seed}")
-            rnd, _ = _search(project, f"random{seed}", [*common, *budget, "search.sampler=random"])
-            volumes = shared_hypervolume({"tpe": _points(tpe, cost), "random": _points(rnd, cost)})
-            hv.append(volumes)
-            products.append((default, searched))
-            per_seed.append({"seed": seed, "default": default, "searched": searched, "hypervolume": volumes})
 
-        # parallel efficiency and bookkeeping, on seed 0's project (its teacher is cached): same proposals
-        project = work / f"seed{seeds[0]}"
-        fair = [*base, f"seed={seeds[0]}", "search.sampler=random", "search.pruner=none"]
-        fair += [f"search.n_trials={parallel_trials}", "search.reevaluate_top=1", "search.threads_per_trial=1"]
-        rates, overhead = {}, []
-        for workers in (1, 2):
-            trials, _ = _search(project, f"local{workers}", [*fair, f"search.workers={workers}"])
-            rates[f"local_{workers}"] = trials_per_hour(trials)
-            if workers == 1:
-                overhead = bookkeeping(trials)
-        for workers in (1, 2):
-            with _dask_cluster(workers) as cluster:
-                env = client_env(
-                    PREFECT_HOME=str(project / ".prefect"), DISTILFLOW_DASK_ADDRESS=cluster.scheduler_address
-                )
-                trials, _ = _search(project, f"dask{workers}", [*fair, f"search.workers={workers}"], env=env)
-            rates[f"dask_{workers}"] = trials_per_hour(trials)
-    finally:
-        if workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+def _parallel_efficiency(project: Path, fair: list[str]) -> tuple[dict[str, float], list[float]]:
+    """Trials per hour with 1 and 2 local workers, then 1 and 2 Dask workers; the 1-worker study's bookkeeping."""
+    rates, overhead = {}, []
+    for workers in (1, 2):
+        trials, _ = _search(project, f"local{workers}", [*fair, f"search.workers={workers}"])
+        rates[f"local_{workers}"] = trials_per_hour(trials)
+        if workers == 1:
+            overhead = bookkeeping(trials)
+    for workers in (1, 2):
+        with _dask_cluster(workers) as cluster:
+            env = client_env(PREFECT_HOME=str(project / ".prefect"), DISTILFLOW_DASK_ADDRESS=cluster.scheduler_address)
+            trials, _ = _search(project, f"dask{workers}", [*fair, f"search.workers={workers}"], env=env)
+        rates[f"dask_{workers}"] = trials_per_hour(trials)
+    return rates, overhead
 
-    def med(values):
-        return statistics.median(values)
 
-    drop = med([s["drop_pts"] for _, s in products])
-    default_drop = med([d["drop_pts"] for d, _ in products])
+def _product_targets(products: list[tuple[dict, dict]]) -> list[dict]:
+    """The searched product against the teacher (accuracy drop, speed-ups, size), the default recipe's as notes."""
+    med = statistics.median
     targets = [
         check(
             "search.accuracy_drop",
             "searched product: test accuracy drop vs the fp32 teacher (median over seeds)",
-            drop,
+            med([s["drop_pts"] for _, s in products]),
             "<=",
             1.0,
             unit="pts",
-            note=f"default recipe: {default_drop:.2f} pts",
+            note=f"default recipe: {med([d['drop_pts'] for d, _ in products]):.2f} pts",
         )
     ]
     for b in ("b1", "b256"):
@@ -250,23 +223,28 @@ def run(
             note=f"default recipe {med([d['smaller'] for d, _ in products]):.1f}×",
         )
     )
-    targets.append(
-        check(
-            "search.hypervolume_vs_random",
-            f"TPE front's hypervolume / RandomSampler's at {n_trials} trials (val accuracy ↑, batch-1 latency ↓)",
-            med([v["tpe"] / v["random"] if v["random"] else float("inf") for v in hv]),
-            ">=",
-            1.0,
-            note=", ".join(f"tpe {v['tpe']:.4g} vs random {v['random']:.4g}" for v in hv),
-        )
+    return targets
+
+
+def _hypervolume_target(hv: list[dict[str, float]], n_trials: int) -> dict:
+    """TPE's front against RandomSampler's at the same budget, median over seeds."""
+    return check(
+        "search.hypervolume_vs_random",
+        f"TPE front's hypervolume / RandomSampler's at {n_trials} trials (val accuracy ↑, batch-1 latency ↓)",
+        statistics.median([v["tpe"] / v["random"] if v["random"] else float("inf") for v in hv]),
+        ">=",
+        1.0,
+        note=", ".join(f"tpe {v['tpe']:.4g} vs random {v['random']:.4g}" for v in hv),
     )
-    local = rates["local_2"] / rates["local_1"]
-    dask = rates["dask_2"] / rates["dask_1"]
-    targets += [
+
+
+def _parallel_targets(rates: dict[str, float], overhead: list[float]) -> list[dict]:
+    """2 workers against 1, locally and on Dask; the bookkeeping per trial."""
+    return [
         check(
             "search.parallel_local",
             "trials per hour, 2 local workers / 1 (2 cores, 1 thread per trial)",
-            local,
+            rates["local_2"] / rates["local_1"],
             ">=",
             1.7,
             note=f"{rates['local_1']:.0f} → {rates['local_2']:.0f} trials/hour",
@@ -274,7 +252,7 @@ def run(
         check(
             "search.parallel_dask",
             "trials per hour, Dask LocalCluster of 2 worker processes / 1",
-            dask,
+            rates["dask_2"] / rates["dask_1"],
             ">=",
             1.6,
             note=f"{rates['dask_1']:.0f} → {rates['dask_2']:.0f} trials/hour",
@@ -282,13 +260,41 @@ def run(
         check(
             "search.bookkeeping",
             "per trial: (Optuna ask → tell) − the stages' compute, over that compute (digits, 1 worker)",
-            med(overhead) * 100 if overhead else float("nan"),
+            statistics.median(overhead) * 100 if overhead else float("nan"),
             "<=",
             5.0,
             unit="%",
             note=f"{len(overhead)} trials" + (f", {summarize([o * 100 for o in overhead])}" if overhead else ""),
         ),
     ]
+
+
+def run(
+    seeds=(0,),
+    n_trials: int = 8,
+    parallel_trials: int = 4,
+    quick: bool = True,
+    workdir: Path | None = None,
+) -> dict:
+    """The search family (see the module docstring); `quick` shortens every trial's epochs."""
+    from bench.orchestration import QUICK_OVERRIDES
+    from tasks.search.front import OBJECTIVE_FIELD
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-search-"))
+    base = list(QUICK_OVERRIDES if quick else [])  # the orchestration family's short settings
+    try:
+        per_seed = [_one_seed(work, seed, base, n_trials, OBJECTIVE_FIELD["latency_b1"]) for seed in seeds]
+        # parallel efficiency and bookkeeping, on seed 0's project (its teacher is cached): same proposals
+        fair = [*base, f"seed={seeds[0]}", "search.sampler=random", "search.pruner=none"]
+        fair += [f"search.n_trials={parallel_trials}", "search.reevaluate_top=1", "search.threads_per_trial=1"]
+        rates, overhead = _parallel_efficiency(work / f"seed{seeds[0]}", fair)
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    products = [(s["default"], s["searched"]) for s in per_seed]
+    targets = _product_targets(products)
+    targets.append(_hypervolume_target([s["hypervolume"] for s in per_seed], n_trials))
+    targets += _parallel_targets(rates, overhead)
     return {
         "setting": f"digits demo, seeds {list(seeds)}, {n_trials} trials per study (2 local workers), "
         f"{parallel_trials} trials per parallel-efficiency study"

@@ -18,20 +18,17 @@ model loads from its files.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import check, interleaved_timings, summarize
+from bench.common import REPO, check, distilflow_command, in_ms, interleaved_timings, make_project, summarize
 from distilflow.layout import Layout
 from distilflow.settings import ENV
 
-REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "backbone.spec=builtin:cnn",
     "train.epochs=3",
@@ -51,75 +48,78 @@ def _free_port() -> int:
 
 def _project(root: Path, env: dict) -> Path:
     """A demo project with one registered product (a short pipeline run through the CLI)."""
-    from tasks.data import export_digits
-
-    (root / "data/raw").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    export_digits(Layout(root).demo_data)
-    cmd = [sys.executable, "-m", "distilflow", "run", "--params", str(root / "params.yaml")]
-    cmd += [a for o in OVERRIDES for a in ("--set", o)]
+    make_project(root)
+    cmd = distilflow_command("run", params=root / "params.yaml", overrides=OVERRIDES)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     return root
 
 
-def run(repeats: int = 300, score_runs: int = 5, workdir: Path | None = None) -> dict:
-    """The three latencies side by side, and the score command's start-up."""
-    import httpx
+def _env(work: Path) -> dict:
+    """This environment without the stack's variables: the embedded store, a Prefect home of its own."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV["tracking_uri"], ENV["prefect_api_url"])}
+    env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO))
+    return env
+
+
+def _contenders(root: Path, work: Path, uri: str) -> dict:
+    """The product's pick, one raw demo row, the bare runtime and its normalised row, and the registered model."""
     import mlflow.pyfunc
     import pandas as pd
 
     from distilflow.io import read_json
-    from distilflow.layout import Layout
     from tasks.inference import load_predictor
     from tasks.preprocessing import apply_normalizer
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench-serving-"))
-    env = {k: v for k, v in os.environ.items() if k not in (ENV["tracking_uri"], ENV["prefect_api_url"])}
-    env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO))
-    root = _project(work / "project", env)
     layout = Layout(root)
     pick = read_json(layout.selection)["pick"]
     pre = read_json(layout.preprocessor)
-    raw = pd.read_csv(Layout(root).demo_data).drop(columns=["label"]).head(1)
+    raw = pd.read_csv(layout.demo_data).drop(columns=["label"]).head(1)
     bare = load_predictor(layout.candidates / pick["candidate"], threads=2)
     row = apply_normalizer(pre, raw)
-    uri = "models:/distilflow-digits@challenger"
-    mlflow.set_tracking_uri(Layout(root).tracking_uri())
+    mlflow.set_tracking_uri(layout.tracking_uri())
     (work / "model").mkdir(parents=True, exist_ok=True)
     served = mlflow.pyfunc.load_model(uri, dst_path=str(work / "model"))
+    return {"pick": pick, "raw": raw, "bare": bare, "row": row, "served": served}
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distilflow",
-            "serve-model",
-            "--params",
-            str(root / "params.yaml"),
-            "--model-uri",
-            uri,
-            "--port",
-            str(port),
-        ],
+
+def _serve_model(root: Path, uri: str, port: int, env: dict) -> subprocess.Popen:
+    """`distilflow serve-model` on loopback, in a session of its own (stopped with its children)."""
+    return subprocess.Popen(
+        [*distilflow_command("serve-model", params=root / "params.yaml"), "--model-uri", uri, "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def _wait_until_up(client, timeout_s: float = 120) -> None:
+    """Poll the server's /ping until it answers 200; raise its last connection error once `timeout_s` is up."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if client.get("/ping").status_code == 200:
+                return
+        except httpx.HTTPError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _latencies(root: Path, uri: str, c: dict, repeats: int, env: dict) -> dict[str, dict]:
+    """The bare runtime, pyfunc.predict and one HTTP request, round-robin in blocks (ms per call)."""
+    import httpx
+
+    bare, row, served, raw = c["bare"], c["row"], c["served"], c["raw"]
+    port = _free_port()
+    server = _serve_model(root, uri, port, env)
     body = {"dataframe_split": {"columns": list(raw.columns), "data": raw.values.tolist()}}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if client.get("/ping").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.5)
+            _wait_until_up(client)
             timings = interleaved_timings(
                 {
                     "bare runtime (ORT session, normalised row)": lambda: bare.run(row),
@@ -133,21 +133,20 @@ def run(repeats: int = 300, score_runs: int = 5, workdir: Path | None = None) ->
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    ms = {name: {k: (v * 1e3 if k != "n" else v) for k, v in t.items()} for name, t in timings.items()}
+    return {name: in_ms(t) for name, t in timings.items()}
 
-    raw5 = pd.read_csv(Layout(root).demo_data).head(5)
-    raw5.to_csv(work / "five.csv", index=False)
+
+def _score_startups(root: Path, work: Path, uri: str, runs: int, env: dict) -> list[float]:
+    """`distilflow score` on 5 raw rows, a fresh process each time (seconds from spawn to exit)."""
+    import pandas as pd
+
+    pd.read_csv(Layout(root).demo_data).head(5).to_csv(work / "five.csv", index=False)
     starts = []
-    for _ in range(score_runs):
+    for _ in range(runs):
         t0 = time.perf_counter()
         subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "distilflow",
-                "score",
-                "--params",
-                str(root / "params.yaml"),
+                *distilflow_command("score", params=root / "params.yaml"),
                 str(work / "five.csv"),
                 "--out",
                 str(work / "five_out.csv"),
@@ -160,7 +159,19 @@ def run(repeats: int = 300, score_runs: int = 5, workdir: Path | None = None) ->
             capture_output=True,
         )
         starts.append(time.perf_counter() - t0)
-    score = summarize(starts)
+    return starts
+
+
+def run(repeats: int = 300, score_runs: int = 5, workdir: Path | None = None) -> dict:
+    """The three latencies side by side, and the score command's start-up."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-serving-"))
+    env = _env(work)
+    root = _project(work / "project", env)
+    uri = "models:/distilflow-digits@challenger"
+    contenders = _contenders(root, work, uri)
+    ms = _latencies(root, uri, contenders, repeats, env)
+    score = summarize(_score_startups(root, work, uri, score_runs, env))
+    pick = contenders["pick"]
     return {
         "product": pick["variant"],
         "latency_ms": ms,

@@ -33,12 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import check, client_env, summarize
+from bench.common import REPO, check, client_env, distilflow_command, make_project, summarize
 from distilflow.layout import Layout
 from distilflow.settings import ENV
 from stack.components import read_env
 
-REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "backbone.spec=builtin:cnn",
     "backbone.width=16",
@@ -51,13 +50,7 @@ OVERRIDES = [
     "evaluate.repeats=5",
     "select.max_drop=0.1",
 ]
-
-
-def _project(root: Path, digits: Path) -> Path:
-    (root / "data/raw").mkdir(parents=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copy(digits, Layout(root).demo_data)
-    return root
+CONTENDERS = ("postgresql_stack", "sqlite_default")  # the first runs first in even rounds
 
 
 def _running_runs(uri: str) -> int:
@@ -76,9 +69,8 @@ def _batch(label: str, work: Path, digits: Path, n: int, env_extra: dict[str, st
     t0 = time.perf_counter()
     for i in range(n):
         name = f"digits{label}{i}"
-        project = _project(work / f"p{i}", digits)
-        cmd = [sys.executable, "-m", "distilflow", "run", "--params", str(project / "params.yaml")]
-        cmd += [a for o in [*OVERRIDES, f"data.name={name}"] for a in ("--set", o)]
+        project = make_project(work / f"p{i}", digits)
+        cmd = distilflow_command("run", params=project / "params.yaml", overrides=[*OVERRIDES, f"data.name={name}"])
         env = {**client_env(), "PREFECT_HOME": str(home), **env_extra}
         log = work / f"run{i}.log"
         with open(log, "w") as out:
@@ -117,18 +109,8 @@ def _batch(label: str, work: Path, digits: Path, n: int, env_extra: dict[str, st
     return {"batch_s": batch_s, "run_s": walls, "errors": errors, "reasons": reasons, "runs": n}
 
 
-def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> dict:
-    """`rounds` alternating pairs of batches (stack, SQLite default) of `concurrency` runs each."""
-    from tasks.data import export_digits
-
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench-stack-"))
-    work.mkdir(parents=True, exist_ok=True)
-    digits = export_digits(work / "digits.csv")
-    # the stack's PostgreSQL runs as the postgres user, which must walk into its folder: a 0711 folder of
-    # its own in the temp dir (the bench's work folder is private, 0700)
-    stack_home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
-    os.chmod(stack_home, 0o711)
-    stack_dir = stack_home / "stack"
+def _stack_up(stack_dir: Path) -> None:
+    """`python -m stack up` with PostgreSQL, MLflow and Prefect only, on free ports, in `stack_dir`."""
     up = subprocess.run(
         [
             sys.executable,
@@ -149,41 +131,95 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
     )
     if up.returncode != 0:
         raise RuntimeError(f"the stack did not start: {up.stderr.strip()[-300:]}")
-    contenders = {"postgresql_stack": {}, "sqlite_default": {}}
+
+
+def _stack_down(stack_dir: Path) -> None:
+    """`python -m stack down --purge`: servers stopped, their data gone."""
+    subprocess.run(
+        [sys.executable, "-m", "stack", "down", "--dir", str(stack_dir), "--purge"],
+        cwd=REPO,
+        env=client_env(),
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def _alternating_batches(
+    work: Path, digits: Path, stack_env: dict[str, str], concurrency: int, rounds: int
+) -> dict[str, list[dict]]:
+    """`rounds` rounds of one batch per contender, the order swapped every round."""
+    results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+    for r in range(rounds):
+        order = list(CONTENDERS) if r % 2 == 0 else list(reversed(CONTENDERS))
+        for name in order:
+            print(f"  stack: round {r + 1}/{rounds}, {concurrency} concurrent runs on {name} ...", flush=True)
+            extra = stack_env if name == "postgresql_stack" else {}
+            # the label keeps experiments and models of different batches apart on the shared server too
+            label = f"{'pg' if extra else 'sq'}{r}x"
+            results[name].append(_batch(label, work / f"{name}-{r}", digits, concurrency, extra))
+    return results
+
+
+def _contender(batches: list[dict]) -> dict:
+    """One contender's errors, batch wall time, throughput and run wall times over its batches."""
+    # runs that registered a model, per hour of the batch's wall time: a failed run adds nothing
+    throughput = [max(b["runs"] - b["errors"], 0) / b["batch_s"] * 3600 for b in batches]
+    return {
+        "errors": sum(b["errors"] for b in batches),
+        "error_reasons": [x for b in batches for x in b["reasons"]],
+        "batch_s": summarize([b["batch_s"] for b in batches]),
+        "runs_per_hour": summarize(throughput),
+        "run_s": summarize([s for b in batches for s in b["run_s"]]),
+    }
+
+
+def _targets(out: dict, ratio: float, concurrency: int) -> list[dict]:
+    """No errors on the stack; its throughput at least 0.9× the SQLite default's."""
+    return [
+        check(
+            "stack.postgres_errors",
+            f"errors in {concurrency} concurrent pipeline runs on the PostgreSQL-backed MLflow + Prefect servers",
+            out["postgresql_stack"]["errors"],
+            "<=",
+            0,
+            unit="",
+        ),
+        check(
+            "stack.throughput_vs_sqlite",
+            f"throughput of {concurrency} concurrent runs on the stack / on the embedded SQLite default",
+            ratio,
+            ">=",
+            0.9,
+            note=f"{out['postgresql_stack']['runs_per_hour']['median']:.0f} vs "
+            f"{out['sqlite_default']['runs_per_hour']['median']:.0f} runs/hour; SQLite errors: "
+            f"{out['sqlite_default']['errors']}",
+        ),
+    ]
+
+
+def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> dict:
+    """`rounds` alternating pairs of batches (stack, SQLite default) of `concurrency` runs each."""
+    from tasks.data import export_digits
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-stack-"))
+    work.mkdir(parents=True, exist_ok=True)
+    digits = export_digits(work / "digits.csv")
+    # the stack's PostgreSQL runs as the postgres user, which must walk into its folder: a 0711 folder of
+    # its own in the temp dir (the bench's work folder is private, 0700)
+    stack_home = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    os.chmod(stack_home, 0o711)
+    stack_dir = stack_home / "stack"
+    _stack_up(stack_dir)
     try:
         stack_env = read_env(stack_dir / "env")
         stack_env = {k: stack_env[k] for k in (ENV["tracking_uri"], ENV["prefect_api_url"])}
-        results: dict[str, list[dict]] = {name: [] for name in contenders}
-        for r in range(rounds):
-            order = ["postgresql_stack", "sqlite_default"] if r % 2 == 0 else ["sqlite_default", "postgresql_stack"]
-            for name in order:
-                print(f"  stack: round {r + 1}/{rounds}, {concurrency} concurrent runs on {name} ...", flush=True)
-                extra = stack_env if name == "postgresql_stack" else {}
-                # the label keeps experiments and models of different batches apart on the shared server too
-                label = f"{'pg' if extra else 'sq'}{r}x"
-                results[name].append(_batch(label, work / f"{name}-{r}", digits, concurrency, extra))
+        results = _alternating_batches(work, digits, stack_env, concurrency, rounds)
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "stack", "down", "--dir", str(stack_dir), "--purge"],
-            cwd=REPO,
-            env=client_env(),
-            capture_output=True,
-            timeout=300,
-        )
+        _stack_down(stack_dir)
         shutil.rmtree(stack_home, ignore_errors=True)
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    out = {}
-    for name, batches in results.items():
-        # runs that registered a model, per hour of the batch's wall time: a failed run adds nothing
-        throughput = [max(b["runs"] - b["errors"], 0) / b["batch_s"] * 3600 for b in batches]
-        out[name] = {
-            "errors": sum(b["errors"] for b in batches),
-            "error_reasons": [x for b in batches for x in b["reasons"]],
-            "batch_s": summarize([b["batch_s"] for b in batches]),
-            "runs_per_hour": summarize(throughput),
-            "run_s": summarize([s for b in batches for s in b["run_s"]]),
-        }
+    out = {name: _contender(batches) for name, batches in results.items()}
     ratio = out["postgresql_stack"]["runs_per_hour"]["median"] / out["sqlite_default"]["runs_per_hour"]["median"]
     return {
         "setting": f"{concurrency} concurrent short pipeline runs (builtin CNN, 3 epochs), {rounds} alternating "
@@ -192,26 +228,7 @@ def run(concurrency: int = 4, rounds: int = 1, workdir: Path | None = None) -> d
         "rounds": rounds,
         "contenders": out,
         "throughput_ratio": ratio,
-        "targets": [
-            check(
-                "stack.postgres_errors",
-                f"errors in {concurrency} concurrent pipeline runs on the PostgreSQL-backed MLflow + Prefect servers",
-                out["postgresql_stack"]["errors"],
-                "<=",
-                0,
-                unit="",
-            ),
-            check(
-                "stack.throughput_vs_sqlite",
-                f"throughput of {concurrency} concurrent runs on the stack / on the embedded SQLite default",
-                ratio,
-                ">=",
-                0.9,
-                note=f"{out['postgresql_stack']['runs_per_hour']['median']:.0f} vs "
-                f"{out['sqlite_default']['runs_per_hour']['median']:.0f} runs/hour; SQLite errors: "
-                f"{out['sqlite_default']['errors']}",
-            ),
-        ],
+        "targets": _targets(out, ratio, concurrency),
     }
 
 

@@ -73,28 +73,13 @@ def bare_loop(
     return epochs * len(Xt) / (time.perf_counter() - t0)
 
 
-def compare_fit(
-    name: str,
-    model: torch.nn.Module,
-    data: dict,
-    epochs: int,
-    repeats: int,
-    image_shape,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> dict:
-    """`repeats` back-to-back pairs (fit, then the bare loop) after one warm-up pair; ratios taken per pair.
-
-    A ratio per pair, then the median over pairs: a slow spell of the machine
-    that spans a pair cancels out, which comparing two medians would not do.
-    CPU time (all threads of this process) is the cross-check that other
-    processes on the machine disturb least.
-    """
-    from distilflow.params import TrainParams
+def _timed_pairs(model, data: dict, cfg, repeats: int, image_shape, seed: int) -> list[dict]:
+    """`repeats` back-to-back rounds of fit, the bare loop, and the bare loop with validation, after one warm-up
+    round; every side starts from the same initial weights. Samples/s of each side, per round."""
     from tasks.finetuning import fit
 
     (Xtr, ytr), (Xva, yva) = data["train"], data["val"]
-    cfg = TrainParams(epochs=epochs, batch_size=batch_size, patience=epochs, device="cpu")
+    epochs, batch_size = cfg.epochs, cfg.batch_size
     initial = copy.deepcopy(model.state_dict())
     pairs = []
     for r in range(repeats + 1):  # pair 0 warms up both
@@ -120,43 +105,72 @@ def compare_fit(
                 "bare loop + validation (CPU time)": epochs * len(Xtr) / bare_val_cpu,
             }
         )
-    stats = {k: summarize([p[k] for p in pairs]) for k in pairs[0]}
-    loop_ratio = summarize([p["fit loop"] / p["bare loop"] for p in pairs])
-    e2e_ratio = summarize([p["fit end-to-end"] / p["bare loop + validation"] for p in pairs])
-    e2e_vs_train_only = summarize([p["fit end-to-end"] / p["bare loop"] for p in pairs])
-    cpu_ratio = summarize([p["fit end-to-end (CPU time)"] / p["bare loop + validation (CPU time)"] for p in pairs])
+    return pairs
+
+
+def _fit_targets(name: str, ratios: dict, n_train: int, n_val: int) -> list[dict]:
+    """fit()'s training loop and its whole call, each at least 0.95× the bare loop's samples/s."""
+    return [
+        check(
+            f"training.{name}.loop",
+            f"{name}: fit() training-loop samples/s / bare PyTorch loop",
+            ratios["ratio_loop"]["median"],
+            ">=",
+            0.95,
+        ),
+        check(
+            f"training.{name}.end_to_end",
+            f"{name}: fit() end-to-end samples/s / bare PyTorch loop with the same per-epoch validation pass",
+            ratios["ratio_end_to_end"]["median"],
+            ">=",
+            0.95,
+            note=f"validation is {n_val} rows per epoch against {n_train} trained; CPU-time ratio "
+            f"{ratios['ratio_end_to_end_cpu']['median']:.2f}×; against the bare training loop alone (no validation) "
+            f"{ratios['ratio_end_to_end_vs_training_only']['median']:.2f}×",
+        ),
+    ]
+
+
+def compare_fit(
+    name: str,
+    model: torch.nn.Module,
+    data: dict,
+    epochs: int,
+    repeats: int,
+    image_shape,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict:
+    """`repeats` back-to-back pairs (fit, then the bare loop) after one warm-up pair; ratios taken per pair.
+
+    A ratio per pair, then the median over pairs: a slow spell of the machine
+    that spans a pair cancels out, which comparing two medians would not do.
+    CPU time (all threads of this process) is the cross-check that other
+    processes on the machine disturb least.
+    """
+    from distilflow.params import TrainParams
+
+    cfg = TrainParams(epochs=epochs, batch_size=batch_size, patience=epochs, device="cpu")
+    pairs = _timed_pairs(model, data, cfg, repeats, image_shape, seed)
+    per_pair = lambda num, den: summarize([p[num] / p[den] for p in pairs])  # noqa: E731
+    ratios = {
+        "ratio_loop": per_pair("fit loop", "bare loop"),
+        "ratio_end_to_end": per_pair("fit end-to-end", "bare loop + validation"),
+        "ratio_end_to_end_cpu": per_pair("fit end-to-end (CPU time)", "bare loop + validation (CPU time)"),
+        "ratio_end_to_end_vs_training_only": per_pair("fit end-to-end", "bare loop"),
+    }
+    n_train, n_val = int(len(data["train"][1])), int(len(data["val"][1]))
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_rows": int(len(ytr)),
-        "val_rows": int(len(yva)),
+        "train_rows": n_train,
+        "val_rows": n_val,
         "epochs": epochs,
         "batch_size": batch_size,
-        "samples_per_s": stats,
+        "samples_per_s": {k: summarize([p[k] for p in pairs]) for k in pairs[0]},
         "pairs": pairs,
-        "ratio_loop": loop_ratio,
-        "ratio_end_to_end": e2e_ratio,
-        "ratio_end_to_end_cpu": cpu_ratio,
-        "ratio_end_to_end_vs_training_only": e2e_vs_train_only,
-        "targets": [
-            check(
-                f"training.{name}.loop",
-                f"{name}: fit() training-loop samples/s / bare PyTorch loop",
-                loop_ratio["median"],
-                ">=",
-                0.95,
-            ),
-            check(
-                f"training.{name}.end_to_end",
-                f"{name}: fit() end-to-end samples/s / bare PyTorch loop with the same per-epoch validation pass",
-                e2e_ratio["median"],
-                ">=",
-                0.95,
-                note=f"validation is {len(yva)} rows per epoch against {len(ytr)} trained; CPU-time ratio "
-                f"{cpu_ratio['median']:.2f}×; against the bare training loop alone (no validation) "
-                f"{e2e_vs_train_only['median']:.2f}×",
-            ),
-        ],
+        **ratios,
+        "targets": _fit_targets(name, ratios, n_train, n_val),
     }
 
 

@@ -43,7 +43,7 @@ QUICK_OVERRIDES = [
 
 
 def plain_pipeline(params, root: Path) -> list[str]:
-    """The flow's stages as plain calls (flows/stages.py:run_plain), in the flow's order; returns the stages run.
+    """The flow's stages as plain calls (tasks/stage_runner.py:run_plain), in the flow's order; returns the stages run.
 
     The demo's backbone is pretrained as the pretrain flow does, then handed
     over as a file (the plain side has no registry).

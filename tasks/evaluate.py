@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from tasks.backbones import WEIGHTS, load_classifier
 from tasks.candidates import candidate_name
 from tasks.dataset import load_splits
 from tasks.engine import torch_threads
-from tasks.inference import TorchPredictor, int8_file, load_predictor
+from tasks.inference import TorchPredictor, int8_file, load_predictor, measure_latency
 from tasks.metrics import classification_metrics
 from tasks.models import count_parameters
 from tasks.registry.card import compression_notes
@@ -68,25 +67,6 @@ def load_variant(variant: nn.Module | str | Path, threads: int) -> tuple[Predict
     if path.suffix == ".onnx":
         return predict, os.path.getsize(path), _onnx_parameter_count(path)
     return predict, os.path.getsize(path), count_parameters(predict.model) or None
-
-
-def measure_latency(predict: Predict, X: np.ndarray, batch_size: int, repeats: int = 30, warmup: int = 5) -> dict:
-    """Median / min / max wall time (ms) of one `predict` call on `batch_size` rows, after warm-up.
-
-    The median, not the mean: a single scheduler hiccup on a shared CPU
-    would otherwise dominate. Rows are tiled when the test split is smaller
-    than the batch.
-    """
-    reps = int(np.ceil(batch_size / len(X)))
-    batch = np.ascontiguousarray(np.tile(X, (reps, 1))[:batch_size], dtype=np.float32)
-    for _ in range(warmup):
-        predict(batch)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        predict(batch)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)), "max_ms": float(np.max(times))}
 
 
 def evaluate_variant(

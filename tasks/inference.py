@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 import warnings
 from pathlib import Path
 
@@ -136,3 +137,22 @@ def load_predictor(variant, threads: int = 1):
     raise DistilflowError(
         f"model variant {path}: unsupported file type '{path.suffix}' (use a model folder, .onnx or a TorchScript .pt)"
     )
+
+
+def measure_latency(predict, X: np.ndarray, batch_size: int, repeats: int = 30, warmup: int = 5) -> dict:
+    """Median / min / max wall time (ms) of one `predict` call on `batch_size` rows, after warm-up.
+
+    The median, not the mean: a single scheduler hiccup on a shared CPU
+    would otherwise dominate. Rows are tiled when the test split is smaller
+    than the batch.
+    """
+    reps = int(np.ceil(batch_size / len(X)))
+    batch = np.ascontiguousarray(np.tile(X, (reps, 1))[:batch_size], dtype=np.float32)
+    for _ in range(warmup):
+        predict(batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)), "max_ms": float(np.max(times))}

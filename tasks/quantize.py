@@ -25,6 +25,7 @@ from tasks.onnx_export import export_ort_fp32
 from tasks.quantization.policy import BACKENDS, quantize_int8
 
 RECORD_FILE = "quantization.json"  # the quantization config and its record, beside the model (as optimum does)
+TIMINGS = ("seconds", "latency_ms", "speedup_b1", "speedup_b256", "pays", "speed_note")  # in the report only
 
 
 def _int8_into(
@@ -50,10 +51,8 @@ def _int8_into(
     except DistilflowError as exc:
         record = {"error": str(exc)}
     # no timings in the folder: its content (hence every key and hash downstream) depends on the model alone
-    write_json(
-        {"config": cfg.model_dump(mode="json"), **{k: v for k, v in record.items() if k != "seconds"}},
-        folder / RECORD_FILE,
-    )
+    kept = {k: v for k, v in record.items() if k not in TIMINGS}
+    write_json({"config": cfg.model_dump(mode="json"), **kept}, folder / RECORD_FILE)
     return record
 
 

@@ -125,7 +125,9 @@ def test_a_budget_the_configured_quantizer_meets_needs_no_remedy(cnn, digits, tm
         X_train=X_tr,
         y_train=y_tr,
     )
-    assert record["remedy"] == "none" and len(record["attempts"]) == 1 and record["per_channel"] is False
+    # one attempt per ORT format (the speed sweep), none of them a remedy
+    assert [a["remedy"] for a in record["attempts"]] == ["none"] * len(QuantizeParams().formats)
+    assert record["remedy"] == "none" and record["per_channel"] is False
     assert record["accuracy_drop"] <= 0.05 and path.is_file()
 
 
@@ -203,8 +205,88 @@ def test_torch_fx_backend_writes_a_torchscript_int8_model(cnn, digits, tmp_path)
         ("calibration_method", "mse"),
         ("backend", "tflite"),
         ("exclude_sensitive_max", -1),
+        ("formats", []),
+        ("formats", ["tflite"]),
+        ("reduce_range", "sometimes"),
     ],
 )
 def test_bad_quantize_params_name_the_key(key, value):
     with pytest.raises(DistilflowError, match=rf"quantize\.{key}"):
         params_from_dict({"quantize": {key: value}})
+
+
+def test_the_old_backend_name_reads_as_onnx():
+    assert params_from_dict({"quantize": {"backend": "onnx_qdq"}}).quantize.backend == "onnx"
+
+
+def test_convs_on_1x1_maps_become_an_exact_gemm(tmp_path):
+    """ResNet-18 on 8×8 digits: 15 of its 20 convs produce 1×1 maps (where ORT's int8 conv ran 0.3× fp32);
+    the rewrite is exact, and a model with no such conv comes out unchanged."""
+    import onnx
+
+    from distilflow.params import BackboneParams
+    from tasks.backbones import load_backbone
+    from tasks.onnx_export import export_onnx, optimise_for_ort, pointwise_maps_as_gemm
+
+    torch.manual_seed(0)
+    resnet, _ = load_backbone(BackboneParams(spec="builtin:resnet18"), (8, 8, 1), 64, 10)
+    X = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    path = optimise_for_ort(export_onnx(resnet.eval(), X[:2], tmp_path / "r.onnx"), tmp_path / "r_ort.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 5 and ops.count("Gemm") == 16  # 15 rewritten convs + the head
+    with torch.no_grad():
+        assert np.abs(OnnxPredictor(path)(X) - resnet(torch.as_tensor(X)).numpy()).max() < 1e-4
+    cnn = builtin_classifier((8, 8, 1), 64, 10, width=8, depth=2).eval()
+    _, rewritten = pointwise_maps_as_gemm(onnx.load(str(export_onnx(cnn, X[:2], tmp_path / "c.onnx"))))
+    assert rewritten == 0
+
+
+def test_qoperator_and_qdq_agree_and_qoperator_is_the_smaller_file(cnn, digits, tmp_path):
+    from tasks.quantization.attempt import Attempt
+    from tasks.quantization.ort import OrtBackend
+
+    X_tr, _, X_va, _, X_te, _ = digits
+    backend = OrtBackend(cnn, X_tr[:128], tmp_path)
+    paths = {
+        f: backend.quantize(Attempt("none", True, "minmax", (), f), tmp_path / f"{f}.onnx")
+        for f in ("qoperator", "qdq")
+    }
+    assert backend.ranges("minmax").is_file()  # calibrated once: the second format quantized from the cache
+    preds = {f: backend.predict(p)(X_te).argmax(1) for f, p in paths.items()}
+    assert (preds["qoperator"] == preds["qdq"]).mean() >= 0.99
+    assert os.path.getsize(paths["qoperator"]) < os.path.getsize(paths["qdq"])
+
+
+class _Slow:
+    """A predictor that takes `ms` per call (whatever the batch) and returns fixed logits."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def __call__(self, X):
+        import time
+
+        time.sleep(self.ms / 1000)
+        return np.zeros((len(X), 10), np.float32)
+
+
+def test_int8_slower_than_fp32_is_kept_but_recorded_as_not_paying(tmp_path, monkeypatch):
+    from tasks.quantization import policy
+    from tasks.quantization.attempt import Attempt
+
+    class Backend:
+        suffix, reduce_range = ".onnx", False
+
+        def fp32_predict(self):
+            return lambda X: np.zeros((len(X), 10), np.float32)  # a few µs: call overhead only
+
+        def predict(self, path):
+            return _Slow(3.0)  # every int8 form slower than fp32
+
+    ladder = type("L", (), {})()
+    ladder.backend, ladder.X_val = Backend(), np.zeros((8, 4), np.float32)
+    winner = (Attempt("none", True, "minmax"), tmp_path / "a.onnx", {})
+    chosen, speed = policy.fastest(ladder, winner, QuantizeParams(speed_repeats=2))
+    assert chosen is winner and speed["pays"] is False
+    assert speed["speedup_b1"] < 1 and speed["speedup_b256"] < 1
+    assert "does not pay" in speed["speed_note"] and "call overhead" in speed["speed_note"]

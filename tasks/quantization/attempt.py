@@ -17,6 +17,11 @@ class Attempt:
     per_channel: bool
     calibration_method: str
     excluded: tuple[str, ...] = ()
+    format: str = "qoperator"  # ONNX Runtime's QOperator or QDQ (the ONNX backend only)
+
+    def as_format(self, fmt: str) -> Attempt:
+        """The same quantizer in another ONNX Runtime format (the speed sweep of policy.py)."""
+        return Attempt(self.remedy, self.per_channel, self.calibration_method, self.excluded, fmt)
 
 
 def calibration_subset(X: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -60,10 +60,11 @@ class TorchFxBackend:
 
     suffix = ".pt"
 
-    def __init__(self, model: nn.Module, X_calib: np.ndarray, workdir: Path, threads: int = 1):
+    def __init__(self, model: nn.Module, X_calib: np.ndarray, workdir: Path, threads: int = 1, reduce_range=True):
         self.model = copy.deepcopy(model).cpu().eval()
         self.X_calib = torch.as_tensor(X_calib, dtype=torch.float32)
         self.workdir, self.threads, self.exporter = workdir, threads, "torch.ao.quantization.quantize_fx"
+        self.reduce_range = True  # torch's x86 engine always uses 7-bit activations (see _qconfig_mapping)
         self._calibrated: dict[str, dict[str, dict]] = {}  # observer kind -> watched node -> observer state
 
     def candidates(self) -> list[str]:

@@ -212,7 +212,8 @@ def recipe(params, candidate: str = "student.int8") -> str:
     if runtime == "int8":
         steps.append(
             f"int8 {q.backend} ({q.calibration_method} calibration, "
-            f"{'per-channel' if q.per_channel else 'per-tensor'}, budget {q.max_accuracy_drop})"
+            f"{'per-channel' if q.per_channel else 'per-tensor'}, budget {q.max_accuracy_drop}, fastest of "
+            f"{'/'.join(q.formats) if q.backend == 'onnx' else q.backend})"
         )
     else:
         steps.append("ONNX Runtime fp32")
@@ -233,7 +234,22 @@ def compression_notes(prune_report: Path | None, quantize_report: Path | None) -
             if record.get("error"):
                 notes.append(f"{name}: no int8 candidate: {record['error']}")
             else:
-                notes.append(f"{name}: remedy `{record.get('remedy')}`: {record.get('reason')}")
+                notes.append(f"{name}: {_int8_note(record)}")
         if info["teacher"].get("error"):
             notes.append(f"teacher int8 not shown: {info['teacher']['error']}")
+        elif info["teacher"]:
+            notes.append(f"teacher.int8: {_int8_note(info['teacher'])}")
     return notes
+
+
+def _int8_note(record: dict) -> str:
+    """The int8 record in one line: the remedy and why, the format kept, and whether int8 pays here."""
+    note = f"remedy `{record.get('remedy')}`: {record.get('reason')}"
+    if "speedup_b1" in record:
+        note += (
+            f"; kept {record.get('format') or record.get('backend')}: {record['speedup_b1']:.2f}× fp32's speed at "
+            f"batch 1, {record['speedup_b256']:.2f}× at batch 256"
+        )
+    if record.get("speed_note"):
+        note += f". {record['speed_note']}"
+    return note

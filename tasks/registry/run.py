@@ -48,6 +48,15 @@ def register_run(params, layout, tracker, parent, lineage: dict, lock: AbstractC
     return {k: result[k] for k in ("model", "unchanged", "versions")} | {"version": result["product"]}
 
 
+def _int8_of(candidate: str, notes: list[str]) -> str:
+    """The card's int8 line: the product's own int8 record, or why the product is its student's fp32 runtime."""
+    student, _, runtime = candidate.partition(".")
+    own = next((n for n in notes if n.startswith(f"{student}.int8")), None)
+    if runtime == "int8":
+        return own or "int8"
+    return f"the product is the fp32 runtime; its int8 twin: {own}" if own else "the product is not quantized"
+
+
 def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dict:
     """Build the card and tags from the run's own reports, then register all variants (all or nothing).
 
@@ -62,7 +71,7 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
         layout.quantize_report,
     )
     pick = selection["pick"]
-    quantize_note = next((n for n in notes if n.startswith(pick["candidate"])), "the product is not quantized")
+    quantize_note = _int8_of(pick["candidate"], notes)
     split = read_json(layout.split_report)
     pre = read_json(layout.preprocessor)
     card_lineage = {**lineage, "git_commit": lineage.get(GIT_COMMIT_TAG, "unknown")}

@@ -185,6 +185,9 @@ class TrainParams(Section):
     devices: int = Field(default=1, ge=1)  # >1: data-parallel (DDP) over this many processes (GPUs on CUDA)
     precision: Literal["bf16", "fp32"] = "bf16"  # on CUDA: bf16 autocast, or plain fp32; the CPU trains in fp32
     channels_last: bool = False  # on CUDA: NHWC memory format for conv models (faster tensor-core kernels)
+    # every BatchNorm in eval mode (its pretrained running statistics) while training, the usual way to fine-tune
+    # an ImageNet backbone on small batches (Keras' transfer-learning guide); unfrozen layers still learn
+    freeze_batchnorm: bool = False
 
 
 class TransferParams(Section):

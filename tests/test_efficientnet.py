@@ -183,7 +183,7 @@ def test_missing_or_damaged_package_is_a_clear_error(monkeypatch):
 
 def test_rows_reach_the_backbone_as_imagenet_pixels(digits):
     """Normalised rows → [0, 1] pixels → 3 channels → resized → ImageNet-standardised, inside the model."""
-    raw = torch.as_tensor(digits.drop(columns="label").to_numpy()[:5], dtype=torch.float32).reshape(5, 1, 8, 8)
+    raw = torch.tensor(digits.drop(columns="label").to_numpy()[:5], dtype=torch.float32).reshape(5, 1, 8, 8)
     for method in ("per_channel", "none"):
         pre = digits_pre(digits, method)
         rows = torch.as_tensor(apply_normalizer(pre, digits.head(5)))
@@ -287,3 +287,19 @@ def test_the_backbone_stage_records_the_weights_it_will_load(tmp_path):
     backbone_stage(tmp_path / "backbone", BackboneParams(spec="efficientnet:lite1"), PretrainParams(), 0)
     record = json.loads((tmp_path / "backbone" / "source.json").read_text())
     assert record == {"spec": "efficientnet:lite1", **weights_file("lite1")[1]}
+
+
+def test_freeze_batchnorm_keeps_imagenet_statistics_while_layers_learn(digits):
+    """train.freeze_batchnorm: a short fine-tune cannot re-estimate BatchNorm statistics, so they stay ImageNet's."""
+    from tasks.engine import fit
+
+    pre = digits_pre(digits)
+    model, _ = load_backbone(BackboneParams(spec="efficientnet:lite0", input_size=(32, 32)), DIGITS, 64, 10, pre=pre)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    X, y = apply_normalizer(pre, digits.head(96)), digits["label"].to_numpy()[:96]
+    cfg = TrainParams(strategy="full", epochs=1, batch_size=32, warmup_epochs=0, freeze_batchnorm=True)
+    fit(model, X[:64], y[:64], X[64:], y[64:], cfg, 0, DIGITS)
+    after = model.backbone.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert not torch.equal(before["stem.conv.weight"], after["stem.conv.weight"])  # the layers still train

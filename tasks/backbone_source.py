@@ -6,6 +6,8 @@
   wiring (flows/pretrain.py:ensure_pretrained) whether to (re)build it first;
 - `file:<path>` and `hf:<local dir>`: the content hash of the weights is recorded;
 - `hf:<hub id>`: the id (and `@revision`, if given) is recorded;
+- `efficientnet:<variant>`: the installed weight package, its version and the
+  weight file's sha256 (another version of the package reruns fine-tuning);
 - `builtin:*`: the spec alone.
 
 `source.json` records what was resolved, so the finetune stage's cache key
@@ -26,6 +28,7 @@ from distilflow.io import atomic_dir
 from distilflow.params import BackboneParams, PretrainParams
 from distilflow.records import StageResult
 from tasks.backbones import split_hf_ref
+from tasks.efficientnet import weights_file
 
 SOURCE = "source.json"
 
@@ -46,6 +49,8 @@ def _record(spec: BackboneParams, tracker) -> tuple[dict, Path | None]:
     if kind == "hf":  # a hub id: its identity is the revision it is pinned to (`hf:org/name@rev`), if any
         repo, revision = split_hf_ref(ref)
         return {"spec": spec.spec, "repo": repo, "revision": revision or "unpinned (write hf:<id>@<revision>)"}, None
+    if kind == "efficientnet":
+        return {"spec": spec.spec, **weights_file(ref)[1]}, None
     return {"spec": spec.spec}, None
 
 

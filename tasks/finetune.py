@@ -50,7 +50,7 @@ def finetune_stage(
         keep = label_budget_subset(ytr, train_params.label_budget, seed)
         Xtr, ytr = Xtr[keep], ytr[keep]
     torch.manual_seed(seed)  # the new head's (and a from-scratch backbone's) initial weights
-    model, arch = load_backbone(spec, image_shape, Xtr.shape[1], len(pre["classes"]), backbone)
+    model, arch = load_backbone(spec, image_shape, Xtr.shape[1], len(pre["classes"]), backbone, pre=pre)
     # everything that shapes the run, so a resume never continues from other inputs' weights
     key = params_hash(
         [path_hash(p) for p in (train, val, preprocessor, backbone)]

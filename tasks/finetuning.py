@@ -58,13 +58,22 @@ def set_trainable(model: Classifier, n_top_blocks: int) -> None:
         p.requires_grad_(True)
 
 
-def freeze_norm_stats(model: Classifier, n_top_blocks: int) -> None:
-    """Frozen blocks keep their BatchNorm running statistics (eval mode)."""
+def freeze_norm_stats(model: Classifier, n_top_blocks: int, every_norm: bool = False) -> None:
+    """Frozen blocks keep their BatchNorm running statistics (eval mode); with `every_norm`, unfrozen ones too.
+
+    `every_norm` (train.freeze_batchnorm): an ImageNet backbone fine-tuned for a few dozen steps
+    cannot re-estimate its statistics (TF's momentum 0.99 moves them ~1% a step), so its layers
+    train against batch statistics it never sees at eval time; kept at ImageNet's, they agree.
+    """
     blocks = model.blocks
     for block in blocks[: len(blocks) - n_top_blocks]:
         block.eval()
     if n_top_blocks == 0:
         model.backbone.eval()
+    if every_norm:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def param_groups(model: Classifier, lr: float, lr_decay: float, weight_decay: float) -> list[dict]:
@@ -177,7 +186,7 @@ def fit(
     def schedule(m: Classifier, epoch: int) -> dict:
         k = unfrozen_blocks(cfg.strategy, n_blocks, epoch, cfg.unfreeze_every)
         set_trainable(m, k)
-        freeze_norm_stats(m, k)
+        freeze_norm_stats(m, k, cfg.freeze_batchnorm)
         return {"unfrozen_blocks": k}
 
     return train(

@@ -18,25 +18,46 @@ from torch.nn import functional as F
 
 
 class InputAdapter(nn.Module):
-    """Flat rows → NCHW images at the backbone's channels and size."""
+    """Flat rows → NCHW images at the backbone's channels, size and pixel scale.
+
+    For a backbone trained on pixels of a known scale (ImageNet's), two
+    optional per-channel affine maps put that scale inside the model, so the
+    exported and served model applies it too (no train/serve skew):
+    `to_unit` = (scale, offset) per *data* channel maps a normalised row back
+    to pixels in [0, 1] before the channels and size are adapted; `normalize`
+    = (mean, std) per *backbone* channel is applied after resizing. Both are
+    linear, so resizing (bilinear) and gray → RGB commute with them.
+    """
 
     def __init__(
         self,
         image_shape: tuple[int, int, int] | None,
         in_channels: int | None = None,
         size: tuple[int, int] | None = None,
+        to_unit: tuple[list[float], list[float]] | None = None,
+        normalize: tuple[list[float], list[float]] | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(image_shape) if image_shape else None
         self.in_channels = in_channels
         self.size = tuple(size) if size else None
+        self.to_unit = to_unit is not None
+        self.normalize = normalize is not None
+        # non-persistent: rebuilt from arch.json, so state_dicts keep the same keys with or without them
+        for name, pair in (("unit", to_unit), ("norm", normalize)):
+            if pair is not None:
+                a, b = (torch.tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1) for v in pair)
+                self.register_buffer(f"{name}_a", a, persistent=False)
+                self.register_buffer(f"{name}_b", b, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Flat rows → images at the backbone's channels and size."""
+        """Flat rows → images at the backbone's channels, size and pixel scale."""
         if self.image_shape is None:
             return x
         h, w, c = self.image_shape
         x = x.reshape(x.shape[0], h, w, c).permute(0, 3, 1, 2)
+        if self.to_unit:
+            x = x * self.unit_a + self.unit_b
         if self.in_channels and c != self.in_channels:
             if c == 1:
                 x = x.expand(-1, self.in_channels, -1, -1)
@@ -44,11 +65,14 @@ class InputAdapter(nn.Module):
                 x = x.mean(dim=1, keepdim=True).expand(-1, self.in_channels, -1, -1)
         if self.size and (h, w) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        if self.normalize:
+            x = (x - self.norm_a) / self.norm_b
         return x.contiguous()
 
     def extra_repr(self) -> str:
         """What the adapter does, in the module's printout."""
-        return f"image_shape={self.image_shape}, in_channels={self.in_channels}, size={self.size}"
+        extra = "".join(f", {name}=True" for name in ("to_unit", "normalize") if getattr(self, name))
+        return f"image_shape={self.image_shape}, in_channels={self.in_channels}, size={self.size}{extra}"
 
 
 class Classifier(nn.Module):

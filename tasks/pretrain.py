@@ -27,7 +27,7 @@ def pretrain_stage(pretrained: Path, pretrain: PretrainParams, seed: int) -> Sta
     X = {k: apply_normalizer(pre, v) for k, v in parts.items() if len(v)}
     y = {k: v[LABEL].map(index).to_numpy() for k, v in parts.items() if len(v)}
     torch.manual_seed(seed)
-    model, arch = load_backbone(pretrain.backbone, MNIST_SHAPE, X["train"].shape[1], len(pre["classes"]))
+    model, arch = load_backbone(pretrain.backbone, MNIST_SHAPE, X["train"].shape[1], len(pre["classes"]), pre=pre)
     fitted = fit(model, X["train"], y["train"], X["val"], y["val"], pretrain.train, seed, MNIST_SHAPE, desc="pretrain")
     with atomic_dir(pretrained) as tmp:
         save_classifier(model, {**arch, "source": "pretrain:mnist"}, tmp / "classifier")

@@ -38,7 +38,7 @@ def transfer_gain_stage(
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
     cfg = train_params.model_copy(update={"epochs": transfer.epochs, "label_budget": None, "patience": transfer.epochs})
     torch.manual_seed(seed)  # loaded once; each budget trains a copy of the same starting point
-    pretrained, arch = load_backbone(spec, image_shape, Xtr.shape[1], len(pre["classes"]), backbone)
+    pretrained, arch = load_backbone(spec, image_shape, Xtr.shape[1], len(pre["classes"]), backbone, pre=pre)
     gains = {}
     for budget in transfer.label_budgets:
         keep = label_budget_subset(ytr, budget, seed)

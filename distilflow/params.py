@@ -131,7 +131,7 @@ class BackboneParams(Section):
     to [H, W]; None = what the backbone was trained on.
     """
 
-    spec: str = "mlflow:models:/distilflow-pretrained-mnist@pretrained"
+    spec: str = "efficientnet:lite0"
     arch: str | None = None
     width: int = Field(default=16, ge=1)
     depth: int = Field(default=3, ge=1)
@@ -180,6 +180,8 @@ class TrainParams(Section):
     grad_clip: float | None = Field(default=1.0, gt=0)
     patience: int = Field(default=5, ge=1)
     unfreeze_every: int = Field(default=2, ge=1)
+    probe_epochs: int = Field(default=0, ge=0)  # progressive: first a linear probe on features computed once
+    max_unfrozen: int | None = Field(default=None, ge=1)  # progressive: at most this many top blocks ever train
     label_budget: int | None = Field(default=None, ge=1)
     augment: AugmentParams = AugmentParams()
     threads: int | None = Field(default=None, ge=1)
@@ -191,13 +193,25 @@ class TrainParams(Section):
     # an ImageNet backbone on small batches (Keras' transfer-learning guide); unfrozen layers still learn
     freeze_batchnorm: bool = False
 
+    @model_validator(mode="after")
+    def _probe_within_epochs(self) -> TrainParams:
+        if self.probe_epochs > self.epochs:
+            raise ValueError(f"train.probe_epochs ({self.probe_epochs}) is more than train.epochs ({self.epochs})")
+        return self
+
 
 class TransferParams(Section):
-    """The transfer-gain check: pretrained vs scratch at a few low label budgets."""
+    """The transfer-gain check: pretrained vs scratch at a few low label budgets.
+
+    Both start points train the same way, `strategy` (every layer by default: a
+    probe on random features says nothing about what training from scratch
+    reaches), with the rest of `train:` (learning rates, BatchNorm, augmentation).
+    """
 
     enabled: bool = True
     label_budgets: list[int] = [5, 20]
     epochs: int = Field(default=15, ge=1)
+    strategy: Literal["linear_probe", "full", "progressive"] = "full"
 
 
 class PretrainParams(Section):

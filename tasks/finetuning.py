@@ -8,6 +8,7 @@ schedule is data, not a subclass (Lightning's BackboneFinetuning idea).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,13 +39,13 @@ def block_params(model: Classifier) -> list[list[nn.Parameter]]:
     return groups
 
 
-def unfrozen_blocks(strategy: str, n_blocks: int, epoch: int, unfreeze_every: int) -> int:
-    """How many backbone blocks (counted from the top) train in this epoch."""
+def unfrozen_blocks(strategy: str, n_blocks: int, epoch: int, unfreeze_every: int, most: int | None = None) -> int:
+    """How many backbone blocks (counted from the top) train in this epoch (progressive: at most `most`)."""
     if strategy == "full":
         return n_blocks
     if strategy == "linear_probe":
         return 0
-    return min(n_blocks, epoch // unfreeze_every)
+    return min(n_blocks if most is None else most, epoch // unfreeze_every)
 
 
 def set_trainable(model: Classifier, n_top_blocks: int) -> None:
@@ -149,6 +150,77 @@ def _probe(model: Classifier, X_train, y_train, X_val, y_val, cfg: TrainParams, 
     return result
 
 
+def _phase(checkpoint: Path | None, name: str) -> Path | None:
+    """The checkpoint of one phase of a two-phase fit (each resumes on its own)."""
+    return None if checkpoint is None else checkpoint.with_name(f"{checkpoint.stem}-{name}{checkpoint.suffix}")
+
+
+def _schedule(cfg: TrainParams, n_blocks: int, offset: int = 0) -> Callable[[Classifier, int], dict]:
+    """The per-epoch freezing of a strategy: which top blocks train, and which BatchNorm statistics stay fixed."""
+
+    def before_epoch(model: Classifier, epoch: int) -> dict:
+        k = unfrozen_blocks(cfg.strategy, n_blocks, epoch + offset, cfg.unfreeze_every, cfg.max_unfrozen)
+        set_trainable(model, k)
+        freeze_norm_stats(model, k, cfg.freeze_batchnorm)
+        return {"unfrozen_blocks": k}
+
+    return before_epoch
+
+
+def _unfreeze(model: Classifier, data: tuple, cfg: TrainParams, seed: int, augment, offset: int = 0, **loop):
+    """The whole network under the strategy's schedule (`offset` epochs of it already spent on a probe)."""
+    X_train, y_train, X_val, y_val = data
+    return train(
+        model,
+        {"x": X_train, "y": y_train},
+        (X_val, y_val),
+        LoopConfig.of(cfg),
+        seed,
+        cross_entropy(cfg.label_smoothing),
+        groups=param_groups(model, cfg.lr, cfg.lr_decay, cfg.weight_decay),
+        before_epoch=_schedule(cfg, len(model.blocks), offset),
+        augment=augment,
+        **loop,
+    )
+
+
+def _probe_then_unfreeze(model: Classifier, data: tuple, cfg: TrainParams, seed: int, checkpoint, desc, on_epoch):
+    """`progressive` with `probe_epochs`: the head on features computed once, then the top blocks unfreeze.
+
+    The probe is cheap (the frozen backbone sees each image once), so the expensive epochs that run the
+    whole network start from a trained head. Both phases keep their best epoch; the better one is kept.
+    """
+    probe = cfg.model_copy(update={"epochs": cfg.probe_epochs, "patience": cfg.probe_epochs})
+    first = _probe(
+        model, *data, probe, seed, checkpoint=_phase(checkpoint, "probe"), desc=f"{desc} probe", on_epoch=on_epoch
+    )
+    if cfg.epochs == cfg.probe_epochs:
+        return first
+    probed = copy.deepcopy(model.state_dict())
+    offset = cfg.unfreeze_every  # the first epoch after the probe already trains the top block
+    rest = cfg.model_copy(update={"epochs": cfg.epochs - cfg.probe_epochs, "warmup_epochs": 0})
+    watch = (lambda row: on_epoch({**row, "epoch": row["epoch"] + cfg.probe_epochs})) if on_epoch else None
+    second = _unfreeze(
+        model, data, rest, seed, None, offset, checkpoint=_phase(checkpoint, "unfreeze"), desc=desc, on_epoch=watch
+    )
+    for row in second.history:
+        row["epoch"] += cfg.probe_epochs
+    best = second
+    if first.best_val_accuracy > second.best_val_accuracy:  # unfreezing did not beat the probe: keep the probe
+        model.load_state_dict(probed)
+        best = first
+    model.eval()
+    return FitResult(
+        model,
+        first.history + second.history,
+        best.best_epoch + (cfg.probe_epochs if best is second else 0),
+        best.best_val_accuracy,
+        second.stopped_early,
+        first.resumed_from_epoch + second.resumed_from_epoch,
+        first.labelled_rows,
+    )
+
+
 def fit(
     model: Classifier,
     X_train: np.ndarray,
@@ -168,7 +240,9 @@ def fit(
       are computed once and only the head trains on them;
     - `full`: every layer trains;
     - `progressive`: the head first, then one more backbone block from the top
-      every `unfreeze_every` epochs (ULMFiT's gradual unfreezing).
+      every `unfreeze_every` epochs (ULMFiT's gradual unfreezing), at most
+      `max_unfrozen` of them; with `probe_epochs`, those first head-only epochs
+      are a linear probe on features computed once.
     All use discriminative learning rates (each block `lr_decay` times the one above).
     With `cfg.devices > 1` the same call runs data-parallel in that many
     processes (tasks/distributed.py) and returns rank 0's result.
@@ -177,27 +251,11 @@ def fit(
 
     if cfg.devices > 1 and distributed.current() is None:
         return _launch_ddp(model, (X_train, y_train, X_val, y_val, cfg, seed, image_shape, checkpoint, desc), cfg)
-    loop = {"checkpoint": checkpoint, "desc": desc, "on_epoch": on_epoch}
+    data = (X_train, y_train, X_val, y_val)
     augmenter = make_augmenter(cfg.augment, image_shape)
-    if cfg.strategy == "linear_probe" and augmenter is None:
-        return _probe(model, X_train, y_train, X_val, y_val, cfg, seed, **loop)
-    n_blocks = len(model.blocks)
-
-    def schedule(m: Classifier, epoch: int) -> dict:
-        k = unfrozen_blocks(cfg.strategy, n_blocks, epoch, cfg.unfreeze_every)
-        set_trainable(m, k)
-        freeze_norm_stats(m, k, cfg.freeze_batchnorm)
-        return {"unfrozen_blocks": k}
-
-    return train(
-        model,
-        {"x": X_train, "y": y_train},
-        (X_val, y_val),
-        LoopConfig.of(cfg),
-        seed,
-        cross_entropy(cfg.label_smoothing),
-        groups=param_groups(model, cfg.lr, cfg.lr_decay, cfg.weight_decay),
-        before_epoch=schedule,
-        augment=(lambda x: augment_flat(augmenter, x, image_shape)) if augmenter is not None else None,
-        **loop,
-    )
+    if augmenter is None and cfg.strategy == "linear_probe":
+        return _probe(model, *data, cfg, seed, checkpoint=checkpoint, desc=desc, on_epoch=on_epoch)
+    if augmenter is None and cfg.strategy == "progressive" and cfg.probe_epochs:
+        return _probe_then_unfreeze(model, data, cfg, seed, checkpoint, desc, on_epoch)
+    augment = (lambda x: augment_flat(augmenter, x, image_shape)) if augmenter is not None else None
+    return _unfreeze(model, data, cfg, seed, augment, checkpoint=checkpoint, desc=desc, on_epoch=on_epoch)

@@ -71,8 +71,9 @@ def edit_params(project: Path, **sections) -> None:
 
 
 QUICK = dict(  # a whole pipeline run in ~20 s: scratch teacher, short training, no transfer check
-    backbone={"spec": "builtin:cnn", "width": 16, "depth": 3},
-    train={"epochs": 3, "warmup_epochs": 0},
+    backbone={"spec": "builtin:cnn", "width": 16, "depth": 3, "input_size": None},
+    # the recipe of a small CNN from scratch, not the ImageNet backbone's of params.yaml
+    train={"epochs": 3, "warmup_epochs": 0, "lr_decay": 0.5, "freeze_batchnorm": False, "augment": {"enabled": False}},
     transfer={"enabled": False},
     distill={"epochs": 3, "gain_label_budgets": []},
     quantize={"calibration_size": 64},

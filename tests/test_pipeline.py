@@ -192,9 +192,10 @@ def test_malformed_params_in_a_fresh_process(project):
     assert not (project / "mlflow.db").exists()
 
 
-TINY = dict(
+TINY = dict(  # the MNIST-pretrained CNN as the backbone: the pretrain flow runs first, then the fine-tune
+    backbone={"spec": "mlflow:models:/distilflow-pretrained-mnist@pretrained", "input_size": None},
     pretrain={"backbone": {"spec": "builtin:cnn", "width": 16, "depth": 3}, "train": {"epochs": 2, "warmup_epochs": 0}},
-    train={"epochs": 4, "warmup_epochs": 0},
+    train={"epochs": 4, "warmup_epochs": 0, "lr_decay": 0.5, "freeze_batchnorm": False, "augment": {"enabled": False}},
     transfer={"label_budgets": [5], "epochs": 2},
     distill={"epochs": 3, "gain_label_budgets": [5]},
     select={"max_drop": 0.15},

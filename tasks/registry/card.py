@@ -44,6 +44,7 @@ def _data(params, lineage: dict, cleaning: dict, split: dict) -> list[str]:
         "- splits (stratified, content-addressed; test frozen): "
         + ", ".join(f"{k} {v} rows (`{split['hashes'][k]}`)" for k, v in split["sizes"].items()),
         f"- git commit `{lineage.get('git_commit', 'unknown')}`, params hash `{lineage.get('params_hash')}`",
+        f"- teacher: {_teacher_line(lineage)}",
     ]
     if cleaning.get("rare_classes_dropped"):
         lines += [
@@ -52,6 +53,17 @@ def _data(params, lineage: dict, cleaning: dict, split: dict) -> list[str]:
             "This model never predicts them; it is not a drop-in replacement for one that does.**",
         ]
     return lines + ["", "## Cleaning", "", cleaning_table(cleaning)]
+
+
+def _teacher_line(lineage: dict) -> str:
+    """The teacher's backbone and, for pretrained weights, the package, version and sha256 they came from."""
+    line = f"`{lineage.get('teacher.backbone', 'unknown')}` backbone, fine-tuned"
+    if "teacher.weights.package" in lineage:
+        line += (
+            f" from the ImageNet weights of `{lineage['teacher.weights.package']}` "
+            f"{lineage.get('teacher.weights.version', '?')} (sha256 `{lineage.get('teacher.weights.sha256', '?')}`)"
+        )
+    return line
 
 
 def _metrics(table: list[dict], baseline: dict | None, teacher: dict, product: dict) -> list[str]:

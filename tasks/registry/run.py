@@ -48,6 +48,16 @@ def register_run(params, layout, tracker, parent, lineage: dict, lock: AbstractC
     return {k: result[k] for k in ("model", "unchanged", "versions")} | {"version": result["product"]}
 
 
+def teacher_provenance(layout) -> dict[str, str]:
+    """Where the teacher's pretrained weights came from (the teacher's arch.json): version tags of every model
+    the run registers, since the product learned from that teacher. Empty for a backbone trained from scratch."""
+    arch = read_json(layout.teacher / "arch.json")
+    weights = arch.get("weights") or {}
+    tags = {"teacher.backbone": str(arch.get("source") or arch.get("kind"))}
+    tags |= {f"teacher.weights.{k}": str(weights[k]) for k in ("package", "version", "sha256") if k in weights}
+    return tags
+
+
 def _int8_of(candidate: str, notes: list[str]) -> str:
     """The card's int8 line: the product's own int8 record, or why the product is its student's fp32 runtime."""
     student, _, runtime = candidate.partition(".")
@@ -74,7 +84,7 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
     quantize_note = _int8_of(pick["candidate"], notes)
     split = read_json(layout.split_report)
     pre = read_json(layout.preprocessor)
-    card_lineage = {**lineage, "git_commit": lineage.get(GIT_COMMIT_TAG, "unknown")}
+    card_lineage = {**lineage, "git_commit": lineage.get(GIT_COMMIT_TAG, "unknown"), **teacher_provenance(layout)}
     card = model_card(
         params.registered_model(),
         params,
@@ -102,6 +112,7 @@ def register_stage(tracker, run, params, layout, lineage: dict[str, str]) -> dic
         "dataset": params.data.dataset_name,
         "classes": json.dumps([str(c) for c in pre["classes"]]),
         "selection.reason": selection["reason"][:4000],
+        **teacher_provenance(layout),
     }
     product = variants[0].metrics
     run.log_params(params.model_dump(mode="json"))

@@ -116,7 +116,8 @@ def machine_info() -> dict:
 class Target:
     """One target we hold ourselves to, and how the measurement fared against it.
 
-    `op` is '>=' (e.g. a speed-up) or '<=' (e.g. an accuracy drop or overhead).
+    `op` is '>=' (e.g. a speed-up), '<=' (e.g. an accuracy drop or overhead), or '>' where a tie
+    is a miss (a gain that must be positive).
     `by` says by how much it passed or missed: relative for ratios, absolute
     for quantities in points (`unit='pts'`), where a relative margin misleads.
     """
@@ -132,17 +133,17 @@ class Target:
     by: str = ""
 
     def __post_init__(self):
-        if self.op not in (">=", "<="):
-            raise ValueError(f"Target {self.id}: op must be '>=' or '<=', got {self.op!r}")
+        if self.op not in (">=", "<=", ">"):
+            raise ValueError(f"Target {self.id}: op must be '>=', '<=' or '>', got {self.op!r}")
         m, t = float(self.measured), float(self.target)
         if m != m:  # NaN: nothing measured, nothing passed
             self.passed, self.by = False, "not measured"
             return
-        self.passed = m >= t if self.op == ">=" else m <= t
+        self.passed = {">=": m >= t, "<=": m <= t, ">": m > t}[self.op]
         verb = "passed" if self.passed else "missed"
         if self.unit in ("pts", "s", "%", ""):
             self.by = f"{verb} by {abs(m - t):.2f}{' ' + self.unit if self.unit else ''}"
-        elif self.op == ">=":  # a speed-up or shrink factor: how much of the target was reached
+        elif self.op in (">=", ">"):  # a speed-up or shrink factor: how much of the target was reached
             self.by = f"{verb}: {m / t:.2f}× the target" + ("" if self.passed else f" ({1 - m / t:.1%} short)")
         else:  # an overhead or memory factor: how close to the limit
             self.by = f"{verb}: {m / t:.2f}× the limit" + ("" if self.passed else f" ({m / t - 1:.1%} over)")

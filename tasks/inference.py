@@ -42,6 +42,12 @@ def quiet_output():
     import logging
 
     levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+
+    def below_error(record: logging.LogRecord) -> bool:  # ORT's quantizer warns on the root logger itself
+        return record.levelno >= logging.ERROR
+
+    root = logging.getLogger()
+    root.addFilter(below_error)
     try:
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -49,6 +55,7 @@ def quiet_output():
             warnings.simplefilter("ignore")
             yield
     finally:
+        root.removeFilter(below_error)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 

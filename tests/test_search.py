@@ -320,9 +320,10 @@ def test_the_same_seed_on_the_serial_runner_gives_the_same_trials(project, tmp_p
         assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = _study(project).trials, _study(twin).trials
     assert [t.params for t in a] == [t.params for t in b]
-    assert [t.user_attrs["objective"]["val_accuracy"] for t in a] == [
-        t.user_attrs["objective"]["val_accuracy"] for t in b
-    ]
+    # the same models trained: the per-epoch validation curves the pruner saw are equal. The objective is the
+    # trial's pick, which `select:` makes by measured latency, so a near-tie may fall either way between runs.
+    assert all(t.intermediate_values for t in a)
+    assert [t.intermediate_values for t in a] == [t.intermediate_values for t in b]
     assert len({t.params["distill.temperature"] for t in a}) == 2  # two different trials, not one repeated
 
 

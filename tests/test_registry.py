@@ -136,6 +136,9 @@ def test_pipeline_registers_product_and_references_with_lineage_card_and_signatu
     for heading in ("## Data", "## Cleaning", "## Metrics of every variant", "## Compression steps", "## Intended use"):
         assert heading in card
     assert "| student int8 |" in card and "| teacher fp32 |" in card and t["data_md5"] in card
+    # a teacher from scratch (QUICK's builtin:cnn) is named as such, with no pretrained weights to trace
+    assert t["teacher.backbone"] == "builtin:cnn" and not any(k.startswith("teacher.weights.") for k in t)
+    assert "- teacher: `builtin:cnn` backbone, fine-tuned\n" in card
     reqs = open(os.path.join(local, "requirements.txt")).read()
     assert "torch==" in reqs and "onnxruntime==" in reqs and "mlflow==" in reqs
     model = tracker.load_pyfunc(f"models:/{NAME}@{CHALLENGER}")

@@ -50,7 +50,8 @@ def register_run(params, layout, tracker, parent, lineage: dict, lock: AbstractC
 
 def teacher_provenance(layout) -> dict[str, str]:
     """Where the teacher's pretrained weights came from (the teacher's arch.json): version tags of every model
-    the run registers, since the product learned from that teacher. Empty for a backbone trained from scratch."""
+    the run registers, since the product learned from that teacher. A backbone trained from scratch has no
+    `teacher.weights.*` tags, only `teacher.backbone`."""
     arch = read_json(layout.teacher / "arch.json")
     weights = arch.get("weights") or {}
     tags = {"teacher.backbone": str(arch.get("source") or arch.get("kind"))}

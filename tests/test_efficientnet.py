@@ -349,8 +349,9 @@ def test_the_default_imagenet_teacher_runs_end_to_end_and_every_version_names_it
     assert len(teacher) == 1
     for version in (product, teacher[0]):
         assert {k: version.tags.get(k) for k in expected} == expected
-    card = open(client.download_artifacts(product.run_id, "registered/distilflow-digits/model_card.md", str(project)))
-    text = card.read()
+    card = client.download_artifacts(product.run_id, "registered/distilflow-digits/model_card.md", str(project))
+    with open(card) as f:
+        text = f.read()
     assert f"`{package}` {expected['teacher.weights.version']}" in text and expected["teacher.weights.sha256"] in text
 
     # measured: 2 epochs from ImageNet's start reach 0.974 on the 269 test rows; 5 epochs at 5 labels per class

@@ -36,9 +36,17 @@ def transfer_gain_stage(
     """
     pre, data = load_splits(train, val, test, preprocessor)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = data["train"], data["val"], data["test"]
-    update = {"epochs": transfer.epochs, "label_budget": None, "patience": transfer.epochs, "probe_epochs": 0}
-    own = {"strategy": transfer.strategy, "lr": transfer.lr, "batch_size": transfer.batch_size}
-    cfg = train_params.model_copy(update=update | own)
+    cfg = train_params.model_copy(
+        update={
+            "epochs": transfer.epochs,
+            "patience": transfer.epochs,
+            "label_budget": None,
+            "probe_epochs": 0,
+            "strategy": transfer.strategy,
+            "lr": transfer.lr,
+            "batch_size": transfer.batch_size,
+        }
+    )
     torch.manual_seed(seed)  # loaded once; each budget trains a copy of the same starting point
     pretrained, arch = load_backbone(spec, image_shape, Xtr.shape[1], len(pre["classes"]), backbone, pre=pre)
     gains = {}
